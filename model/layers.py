@@ -1,0 +1,152 @@
+"""RetNet building blocks, parameter names as in fla's RetNet (`fla/models/retnet`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import RetNetConfig
+from model.ops import chunk_retention, parallel_retention, recurrent_retention
+
+Mode = Literal["parallel", "chunk", "recurrent"]
+
+
+def _fp(x: Tensor) -> torch.dtype:
+    """Computation dtype for numerically sensitive parts: float32, or float64 for float64 models."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 (float64 for float64 inputs), cast back to the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dt = _fp(x)
+        h = x.to(dt)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * self.weight.to(dt)).to(x.dtype)
+
+
+class RMSNormSwishGate(nn.Module):
+    """fla's FusedRMSNormGated: rmsnorm(o) * weight * swish(g), over the last dim (head_v_dim)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, o: Tensor, g: Tensor) -> Tensor:
+        dt = _fp(o)
+        o = o.to(dt)
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(dt)
+        return o * F.silu(g.to(dt))
+
+
+def rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
+    """Non-interleaved (half-split) rotary embedding over all of x's last dim.
+
+    x: (B, T, H, D); positions: (B, T) int64, each token's index in its own sequence.
+    Angles in float32 as fla computes them (float64 for float64 inputs); returns x's compute dtype.
+    """
+    dt = _fp(x)
+    D = x.shape[-1]
+    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2, device=x.device, dtype=dt) / D))  # (D/2,)
+    angles = positions.to(dt)[..., None] * inv_freq  # (B, T, D/2)
+    cos = torch.cat([angles.cos(), angles.cos()], -1)[:, :, None, :]  # (B, T, 1, D)
+    sin = torch.cat([angles.sin(), angles.sin()], -1)[:, :, None, :]
+    x = x.to(dt)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class MultiScaleRetention(nn.Module):
+    def __init__(self, config: RetNetConfig) -> None:
+        super().__init__()
+        c = config
+        self.num_heads = c.num_heads
+        self.kv_groups = c.num_heads // c.kv_heads
+        self.head_k_dim, self.head_v_dim = c.head_k_dim, c.head_v_dim
+        self.rope_theta = c.rope_theta
+        self.q_proj = nn.Linear(c.hidden_size, c.key_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.key_dim // self.kv_groups, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.value_dim // self.kv_groups, bias=False)
+        self.g_proj = nn.Linear(c.hidden_size, c.value_dim, bias=False)
+        self.o_proj = nn.Linear(c.value_dim, c.hidden_size, bias=False)
+        self.g_norm_swish_gate = RMSNormSwishGate(c.head_v_dim, eps=c.norm_eps)
+
+    def forward(
+        self,
+        x: Tensor,  # (B, T, D)
+        state: Tensor,  # (B, H, Dk, Dv)
+        positions: Tensor,  # (B, T)
+        mask: Tensor | None,  # (B, T) bool
+        keep: Tensor | None,  # (B, T) bool
+        mode: Mode,
+        chunk_size: int,
+    ) -> tuple[Tensor, Tensor]:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_k_dim)
+        k = self.k_proj(x).view(B, T, -1, self.head_k_dim)
+        v = self.v_proj(x).view(B, T, -1, self.head_v_dim)
+        q = rotary(q, positions, self.rope_theta)
+        k = rotary(k, positions, self.rope_theta)
+        if self.kv_groups > 1:  # GQA: each kv head serves kv_groups consecutive query heads
+            k = k.repeat_interleave(self.kv_groups, dim=2)
+            v = v.repeat_interleave(self.kv_groups, dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if mode == "recurrent":
+            o, state = recurrent_retention(q, k, v, state, True, mask, keep)
+        elif mode == "chunk":
+            o, state = chunk_retention(q, k, v, state, True, mask, keep, chunk_size=chunk_size)
+        elif mode == "parallel":
+            o, state = parallel_retention(q, k, v, state, True, mask, keep)
+        else:
+            raise ValueError(f"mode must be 'parallel', 'chunk' or 'recurrent', got {mode!r}")
+        g = self.g_proj(x).view(B, T, self.num_heads, self.head_v_dim)
+        o = self.g_norm_swish_gate(o.transpose(1, 2), g)  # (B, T, H, Dv)
+        o = self.o_proj(o.reshape(B, T, -1).to(x.dtype))
+        return o, state
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: RetNetConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.ffn_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.ffn_size, bias=False)
+        self.down_proj = nn.Linear(config.ffn_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RetNetBlock(nn.Module):
+    def __init__(self, config: RetNetConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = MultiScaleRetention(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = GatedMLP(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        state: Tensor,
+        positions: Tensor,
+        mask: Tensor | None,
+        keep: Tensor | None,
+        mode: Mode,
+        chunk_size: int,
+    ) -> tuple[Tensor, Tensor]:
+        h, state = self.attn(self.attn_norm(x), state, positions, mask, keep, mode, chunk_size)
+        x = x + h
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, state

@@ -1,0 +1,246 @@
+"""Retention ops: pure functions `(q, k, v, initial_state, ...) -> (o, final_state)`.
+
+All forms compute, per head h with decay gamma_h = 1 - 2^(-5-h) and state S of shape (Dk, Dv):
+
+    S_t = gamma^{m_t} * S_{t-1} + w_t * k_t^T v_t,      o_t = (scale * q_t) S_t
+
+where m_t = mask[b, t] (0 for a pad: the step neither decays nor writes the state) and
+w_t = mask[b, t] & keep[b, t] (a dropped token still decays the state but writes nothing).
+With c_t = sum_{s<=t} m_s this unrolls to the parallel form
+
+    o_i = sum_{j<=i} gamma^{c_i - c_j} w_j (q_i . k_j) v_j + gamma^{c_i} q_i S_0.
+
+`naive_retention` is the reference (a plain loop, float64); `parallel_retention`,
+`chunk_retention` and `recurrent_retention` are the fast paths tested against it.
+Shapes: q, k (B, H, T, Dk); v (B, H, T, Dv); states (B, H, Dk, Dv); mask, keep (B, T) bool.
+Computation (and the state) is float32, or float64 when the inputs are float64; `o` is returned
+in the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "chunk_retention",
+    "naive_retention",
+    "parallel_retention",
+    "recurrent_retention",
+    "retention_log_decay",
+]
+
+
+def retention_log_decay(num_heads: int, device: torch.device | str | None = None) -> Tensor:
+    """log(gamma_h) for h in [0, H): gamma_h = 1 - 2^(-5-h). Float64, shape (H,)."""
+    h = torch.arange(num_heads, dtype=torch.float64, device=device)
+    return torch.log1p(-torch.pow(2.0, -5.0 - h))
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _prepare(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    initial_state: Tensor | None,
+    mask: Tensor | None,
+    keep: Tensor | None,
+    scale: float | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """Cast to the compute dtype, scale q, zero k where nothing is written; return (q, k, v, S0, steps)."""
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    if k.shape != (B, H, T, Dk) or v.shape[:3] != (B, H, T):
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} do not match")
+    dt = _compute_dtype(q)
+    scale = Dk**-0.5 if scale is None else scale
+    q = q.to(dt) * scale
+    k = k.to(dt)
+    v = v.to(dt)
+    if initial_state is None:
+        s0 = q.new_zeros(B, H, Dk, Dv)
+    else:
+        if initial_state.shape != (B, H, Dk, Dv):
+            raise ValueError(f"initial_state has shape {tuple(initial_state.shape)}, expected {(B, H, Dk, Dv)}")
+        s0 = initial_state.to(dt)
+    for name, m in (("mask", mask), ("keep", keep)):
+        if m is not None and m.shape != (B, T):
+            raise ValueError(f"{name} has shape {tuple(m.shape)}, expected {(B, T)}")
+    write = None
+    if mask is not None:
+        write = mask.bool()
+    if keep is not None:
+        write = keep.bool() if write is None else write & keep.bool()
+    if write is not None:
+        k = k * write[:, None, :, None].to(dt)
+    steps = None if mask is None else mask.bool()
+    return q, k, v, s0, steps
+
+
+def naive_retention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = True,
+    mask: Tensor | None = None,
+    keep: Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Reference: the recurrence written out token by token, row by row, in float64."""
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    scale = Dk**-0.5 if scale is None else scale
+    gamma = torch.exp(retention_log_decay(H, q.device))  # (H,)
+    f64 = torch.float64
+    o = torch.zeros(B, H, T, Dv, dtype=f64, device=q.device)
+    S = (
+        torch.zeros(B, H, Dk, Dv, dtype=f64, device=q.device)
+        if initial_state is None
+        else initial_state.to(f64).clone()
+    )
+    for b in range(B):
+        for t in range(T):
+            m = True if mask is None else bool(mask[b, t])
+            w = m and (True if keep is None else bool(keep[b, t]))
+            if m:
+                S[b] = gamma[:, None, None] * S[b]
+            if w:
+                S[b] = S[b] + k[b, :, t, :, None].to(f64) * v[b, :, t, None, :].to(f64)
+            o[b, :, t] = torch.einsum("hk,hkv->hv", q[b, :, t].to(f64) * scale, S[b])
+    final = S.to(_compute_dtype(q)) if output_final_state else None
+    return o.to(q.dtype), final
+
+
+def _decay_block(
+    log_gamma: Tensor, counts: Tensor | None, T: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Decay factors for one block of T steps.
+
+    counts: (B, T) int, cumulative number of advancing steps within the block, or None when every
+    step advances (then counts = 1..T and the factors are shared across the batch).
+    Returns (D, q_decay, k_decay):
+      D       (B|1, H, T, T)  gamma^{c_i - c_j} for j <= i, else 0
+      q_decay (B|1, H, T, 1)  gamma^{c_i}          (applied to q for the initial-state term)
+      k_decay (B|1, H, T, 1)  gamma^{c_T - c_j}    (applied to k for the final state)
+    """
+    device = log_gamma.device
+    if counts is None:
+        counts = torch.arange(1, T + 1, device=device)[None]  # (1, T)
+    c = counts.to(torch.float64)[:, None, :]  # (B|1, 1, T)
+    lg = log_gamma[None, :, None]  # (1, H, 1)
+    diff = c[..., :, None] - c[..., None, :]  # (B|1, 1, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    D = torch.exp(diff * lg[..., None]).masked_fill(~causal, 0.0)
+    q_decay = torch.exp(c * lg)[..., None]
+    k_decay = torch.exp((c[..., -1:] - c) * lg)[..., None]
+    return D.to(dtype), q_decay.to(dtype), k_decay.to(dtype)
+
+
+def _parallel_block(
+    q: Tensor, k: Tensor, v: Tensor, s0: Tensor, decay: tuple[Tensor, Tensor, Tensor], final: bool
+) -> tuple[Tensor, Tensor | None]:
+    """One block in parallel form on prepared inputs (q scaled, k zeroed where not written)."""
+    D, q_decay, k_decay = decay
+    scores = torch.matmul(q, k.transpose(-1, -2)) * D  # (B, H, T, T)
+    o = torch.matmul(scores, v) + torch.matmul(q * q_decay, s0)  # (B, H, T, Dv)
+    s = None
+    if final:
+        # gamma^{c_T} S_0 = q_decay at the last step (when T > 0)
+        s = q_decay[..., -1:, :] * s0 + torch.matmul((k * k_decay).transpose(-1, -2), v)
+    return o, s
+
+
+def parallel_retention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = True,
+    mask: Tensor | None = None,
+    keep: Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Parallel form O = (Q K^T ⊙ D) V + (Q ⊙ gamma^c) S_0 over the whole sequence (O(T^2) memory)."""
+    in_dtype = q.dtype
+    q, k, v, s0, steps = _prepare(q, k, v, initial_state, mask, keep, scale)
+    T = q.shape[2]
+    if T == 0:
+        return q.new_zeros(*q.shape[:3], v.shape[-1]).to(in_dtype), (s0 if output_final_state else None)
+    log_gamma = retention_log_decay(q.shape[1], q.device)
+    counts = None if steps is None else steps.long().cumsum(-1)
+    decay = _decay_block(log_gamma, counts, T, q.dtype)
+    o, s = _parallel_block(q, k, v, s0, decay, output_final_state)
+    return o.to(in_dtype), s
+
+
+def chunk_retention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = True,
+    mask: Tensor | None = None,
+    keep: Tensor | None = None,
+    scale: float | None = None,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:
+    """Chunkwise form: the parallel form inside chunks of `chunk_size`, the state carried between them.
+
+    Per chunk: O = (Q K^T ⊙ D) V + (Q ⊙ gamma^{j+1}) S;  S <- gamma^c S + (K ⊙ gamma^{c-1-j})^T V
+    (with pads counted out of the exponents). Memory is O(T * chunk_size).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    in_dtype = q.dtype
+    q, k, v, s, steps = _prepare(q, k, v, initial_state, mask, keep, scale)
+    T = q.shape[2]
+    log_gamma = retention_log_decay(q.shape[1], q.device)
+    full_decay = None if steps is not None else _decay_block(log_gamma, None, min(chunk_size, T), q.dtype)
+    outs = []
+    for start in range(0, T, chunk_size):
+        end = min(start + chunk_size, T)
+        n = end - start
+        if steps is None:
+            decay = full_decay if n == chunk_size else _decay_block(log_gamma, None, n, q.dtype)
+        else:
+            decay = _decay_block(log_gamma, steps[:, start:end].long().cumsum(-1), n, q.dtype)
+        is_last = end == T
+        o, s_next = _parallel_block(
+            q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], s, decay, (not is_last) or output_final_state
+        )
+        outs.append(o)
+        s = s_next
+    o = torch.cat(outs, dim=2) if outs else q.new_zeros(*q.shape[:3], v.shape[-1])
+    return o.to(in_dtype), (s if output_final_state else None)
+
+
+def recurrent_retention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = True,
+    mask: Tensor | None = None,
+    keep: Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Recurrent form, one step at a time (the decode path; T is usually 1): O(1) work per token."""
+    in_dtype = q.dtype
+    q, k, v, s, steps = _prepare(q, k, v, initial_state, mask, keep, scale)
+    B, H, T, _ = q.shape
+    gamma = torch.exp(retention_log_decay(H, q.device)).to(q.dtype)[None, :, None, None]  # (1, H, 1, 1)
+    outs = []
+    for t in range(T):
+        if steps is None:
+            decay = gamma
+        else:
+            decay = torch.where(steps[:, t, None, None, None], gamma, torch.ones_like(gamma))  # (B, H, 1, 1)
+        kv = k[:, :, t, :, None] * v[:, :, t, None, :]  # (B, H, Dk, Dv)
+        s = decay * s + kv
+        outs.append(torch.matmul(q[:, :, t, None, :], s))  # (B, H, 1, Dv)
+    o = torch.cat(outs, dim=2) if outs else q.new_zeros(B, H, 0, v.shape[-1])
+    return o.to(in_dtype), (s if output_final_state else None)

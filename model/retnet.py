@@ -1,0 +1,124 @@
+"""RetNet causal LM: one module, three exactly equivalent forms, rows at any position."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from model.config import RetNetConfig
+from model.layers import Mode, RetNetBlock, RMSNorm
+from model.state import RetentionState
+
+ForwardMode = Literal["auto", "parallel", "chunk", "recurrent"]
+
+
+class RetNetBackbone(nn.Module):
+    """Holds the `model.*` parameters (fla's RetNetModel)."""
+
+    def __init__(self, config: RetNetConfig) -> None:
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([RetNetBlock(config) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+
+
+class RetNet(nn.Module):
+    """`forward(input_ids, state, attention_mask, keep, mode) -> (logits, state)`.
+
+    - `state`: a RetentionState (rows at any positions) or None for fresh sequences.
+    - `attention_mask` (B, T): 1 = token, 0 = pad (left or right). Pads neither advance a row's
+      position nor touch its state; their logits are meaningless.
+    - `keep` (B, T) bool: False drops a token from the state (it writes nothing, the state still
+      decays, later tokens keep their original positions).
+    - `mode`: "parallel", "chunk", "recurrent", or "auto" (recurrent for T == 1, else chunk).
+    - `logits_to_keep`: 0 = logits for every position, n > 0 = only for the last n positions.
+    """
+
+    def __init__(self, config: RetNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = RetNetBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embeddings.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, nn.Linear | nn.Embedding):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif hasattr(m, "weight") and isinstance(m.weight, nn.Parameter) and m.weight.ndim == 1:
+                nn.init.ones_(m.weight)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def empty_state(self, batch_size: int) -> RetentionState:
+        dt = torch.float64 if self.dtype == torch.float64 else torch.float32
+        return RetentionState.empty(self.config, batch_size, device=self.device, dtype=dt)
+
+    def forward(
+        self,
+        input_ids: Tensor,  # (B, T) int64
+        state: RetentionState | None = None,
+        attention_mask: Tensor | None = None,  # (B, T), 1 = token, 0 = pad
+        keep: Tensor | None = None,  # (B, T) bool
+        mode: ForwardMode = "auto",
+        chunk_size: int = 64,
+        logits_to_keep: int = 0,
+    ) -> tuple[Tensor, RetentionState]:
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if state is None:
+            state = self.empty_state(B)
+        else:
+            state.check(self.config)
+            if state.batch_size != B:
+                raise ValueError(f"state has {state.batch_size} rows but input_ids has {B}")
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, T):
+                raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
+            mask = attention_mask.to(self.device).bool()
+        if keep is not None:
+            if keep.shape != (B, T):
+                raise ValueError(f"keep must have shape {(B, T)}, got {tuple(keep.shape)}")
+            keep = keep.to(self.device).bool()
+        layer_mode: Mode
+        if mode == "auto":
+            layer_mode = "recurrent" if T == 1 else "chunk"
+        elif mode in ("parallel", "chunk", "recurrent"):
+            layer_mode = mode
+        else:
+            raise ValueError(f"mode must be 'auto', 'parallel', 'chunk' or 'recurrent', got {mode!r}")
+
+        start = state.position.to(self.device)  # (B,)
+        if mask is None:
+            positions = start[:, None] + torch.arange(T, device=self.device)  # (B, T)
+            new_position = start + T
+        else:
+            seen = mask.long().cumsum(-1)  # (B, T)
+            positions = start[:, None] + (seen - 1).clamp(min=0)
+            new_position = start + seen[:, -1] if T > 0 else start
+
+        x = self.model.embeddings(input_ids)  # (B, T, D)
+        new_layers = []
+        for layer, s in zip(self.model.layers, state.layers, strict=True):
+            x, s = layer(x, s, positions, mask, keep, layer_mode, chunk_size)
+            new_layers.append(s)
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(self.model.norm(x))  # (B, T', V)
+        return logits, RetentionState(new_layers, new_position, self.config)
