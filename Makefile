@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU build of torch; on a GPU host install the CUDA build of the same version into the venv first.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint format bench clean
+.PHONY: install test lint format bench clean serve
 
 install: $(VENV)/.installed
 
@@ -33,3 +33,7 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+serve:
+	@echo "The server arrives with the HTTP server issue; today the model core, its tests and 'make bench' work." >&2
+	@exit 2

@@ -66,7 +66,9 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
         files = sorted({path / f for f in weight_map.values()})
     else:
         pickled = [p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
-        hint = f" (found {pickled}: pickled weights are refused; convert them to safetensors)" if pickled else ""
+        hint = (
+            f" (found {pickled}: pickled weights are refused; convert them to safetensors)" if pickled else ""
+        )
         raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {path}{hint}")
     tensors: dict[str, Tensor] = {}
     for f in files:
@@ -119,7 +121,9 @@ def load_weights(model: RetNet, tensors: dict[str, Tensor]) -> None:
         )
     for name, t in sd.items():
         if tuple(t.shape) != tuple(own[name].shape):
-            raise CheckpointError(f"{name} has shape {tuple(t.shape)}, the config needs {tuple(own[name].shape)}")
+            raise CheckpointError(
+                f"{name} has shape {tuple(t.shape)}, the config needs {tuple(own[name].shape)}"
+            )
         if not t.is_floating_point():
             raise CheckpointError(f"{name} has dtype {t.dtype}; weights must be floating point")
     model.load_state_dict(sd, strict=not model.config.tie_word_embeddings)

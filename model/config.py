@@ -83,7 +83,10 @@ class RetNetConfig:
 
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads"):
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{name} must be a positive integer, got {v!r}")
+            need(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                f"{name} must be a positive integer, got {v!r}",
+            )
         need(self.model_type == MODEL_TYPE, f"model_type must be {MODEL_TYPE!r}, got {self.model_type!r}")
         need(self.hidden_act in ("swish", "silu"), f"hidden_act must be 'swish', got {self.hidden_act!r}")
         need(self.expand_k > 0 and self.expand_v > 0, "expand_k and expand_v must be positive")

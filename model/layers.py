@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -49,6 +50,12 @@ class RMSNormSwishGate(nn.Module):
         return o * F.silu(g.to(dt))
 
 
+@functools.lru_cache(maxsize=64)
+def _inv_freq(dim: int, base: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    with torch.inference_mode(False), torch.no_grad():  # cached for inference and training alike
+        return 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=dtype) / dim))
+
+
 def rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
     """Non-interleaved (half-split) rotary embedding over all of x's last dim.
 
@@ -56,8 +63,7 @@ def rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
     Angles in float32 as fla computes them (float64 for float64 inputs); returns x's compute dtype.
     """
     dt = _fp(x)
-    D = x.shape[-1]
-    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2, device=x.device, dtype=dt) / D))  # (D/2,)
+    inv_freq = _inv_freq(x.shape[-1], base, dt, x.device)  # (D/2,)
     angles = positions.to(dt)[..., None] * inv_freq  # (B, T, D/2)
     cos = torch.cat([angles.cos(), angles.cos()], -1)[:, :, None, :]  # (B, T, 1, D)
     sin = torch.cat([angles.sin(), angles.sin()], -1)[:, :, None, :]

@@ -19,6 +19,8 @@ in the input dtype.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -32,9 +34,16 @@ __all__ = [
 
 
 def retention_log_decay(num_heads: int, device: torch.device | str | None = None) -> Tensor:
-    """log(gamma_h) for h in [0, H): gamma_h = 1 - 2^(-5-h). Float64, shape (H,)."""
-    h = torch.arange(num_heads, dtype=torch.float64, device=device)
-    return torch.log1p(-torch.pow(2.0, -5.0 - h))
+    """log(gamma_h) for h in [0, H): gamma_h = 1 - 2^(-5-h). Float64, shape (H,). Do not modify."""
+    return _log_decay(num_heads, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _log_decay(num_heads: int, device: torch.device) -> Tensor:
+    # Built outside inference mode so that the cached tensor also serves training.
+    with torch.inference_mode(False), torch.no_grad():
+        h = torch.arange(num_heads, dtype=torch.float64, device=device)
+        return torch.log1p(-torch.pow(2.0, -5.0 - h))
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -64,7 +73,9 @@ def _prepare(
         s0 = q.new_zeros(B, H, Dk, Dv)
     else:
         if initial_state.shape != (B, H, Dk, Dv):
-            raise ValueError(f"initial_state has shape {tuple(initial_state.shape)}, expected {(B, H, Dk, Dv)}")
+            raise ValueError(
+                f"initial_state has shape {tuple(initial_state.shape)}, expected {(B, H, Dk, Dv)}"
+            )
         s0 = initial_state.to(dt)
     for name, m in (("mask", mask), ("keep", keep)):
         if m is not None and m.shape != (B, T):
@@ -210,7 +221,12 @@ def chunk_retention(
             decay = _decay_block(log_gamma, steps[:, start:end].long().cumsum(-1), n, q.dtype)
         is_last = end == T
         o, s_next = _parallel_block(
-            q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], s, decay, (not is_last) or output_final_state
+            q[:, :, start:end],
+            k[:, :, start:end],
+            v[:, :, start:end],
+            s,
+            decay,
+            (not is_last) or output_final_state,
         )
         outs.append(o)
         s = s_next

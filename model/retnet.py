@@ -90,7 +90,9 @@ class RetNet(nn.Module):
         mask = None
         if attention_mask is not None:
             if attention_mask.shape != (B, T):
-                raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
+                raise ValueError(
+                    f"attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}"
+                )
             mask = attention_mask.to(self.device).bool()
         if keep is not None:
             if keep.shape != (B, T):

@@ -104,7 +104,9 @@ class RetentionState:
     def clone(self) -> RetentionState:
         return RetentionState([t.clone() for t in self.layers], self.position.clone(), self.config)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> RetentionState:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> RetentionState:
         return RetentionState(
             [t.to(device=device, dtype=dtype) for t in self.layers], self.position.to(device), self.config
         )

@@ -110,7 +110,8 @@ def _spec_logits(cfg: dict, t: dict[str, torch.Tensor], ids: list[int]) -> torch
         for hh in range(H):
             gamma = 1 - 2.0 ** (-5 - hh)
             Dm = torch.tensor(
-                [[gamma ** (a - b) if a >= b else 0.0 for b in range(T)] for a in range(T)], dtype=torch.float64
+                [[gamma ** (a - b) if a >= b else 0.0 for b in range(T)] for a in range(T)],
+                dtype=torch.float64,
             )
             heads.append(((q[:, hh] @ k[:, hh].T) * Dm) @ v[:, hh])  # (T, dv)
         o = torch.stack(heads, 1)  # (T, H, dv)
@@ -148,7 +149,10 @@ def test_sharded_checkpoint_loads(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(FLA_CONFIG))
     names = sorted(weights)
     half = len(names) // 2
-    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[:half],
+        "model-00002-of-00002.safetensors": names[half:],
+    }
     for fname, keys in shards.items():
         save_file({k: weights[k] for k in keys}, str(tmp_path / fname))
     index = {"weight_map": {k: f for f, keys in shards.items() for k in keys}}
@@ -230,7 +234,7 @@ def test_bad_configs_raise_clear_errors(bad, match):
 
 
 def test_bad_checkpoints_raise_clear_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="config.json"):
+    with pytest.raises(CheckpointError, match=r"config\.json"):
         from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(FLA_CONFIG))
     torch.save({"x": torch.zeros(1)}, tmp_path / "pytorch_model.bin")

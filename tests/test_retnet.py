@@ -15,7 +15,7 @@ def _model(dtype: torch.dtype, **overrides) -> RetNet:
     m = RetNet(preset("tiny", **overrides)).eval().to(dtype)
     # Non-trivial norm weights, so that a wrong norm would show.
     with torch.no_grad():
-        for name, p in m.named_parameters():
+        for p in m.parameters():
             if p.ndim == 1:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
     return m

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -23,8 +25,16 @@ from model.sampling import (
     logprobs,
     sample,
 )
+from model.state import RetentionState
 
-NEG_INF = -math.inf
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """These tests run thousands of tiny ops: one intra-op thread keeps them fast on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _logits(B: int, V: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
@@ -61,9 +71,7 @@ def test_greedy_is_argmax() -> None:
 
 def test_top_k_1_is_greedy() -> None:
     x = _logits(64, 200, seed=1)
-    out = sample(
-        x, _full(64, 1.5), top_k=torch.ones(64, dtype=torch.long), generators=_gens(list(range(64)))
-    )
+    out = sample(x, _full(64, 1.5), top_k=torch.ones(64, dtype=torch.long), generators=_gens(list(range(64))))
     assert torch.equal(out, x.argmax(-1))
 
 
@@ -99,6 +107,9 @@ def test_top_p_keeps_smallest_prefix_reaching_p() -> None:
         [True, False, True, True],
         [True, True, True, True],
     ]
+    # top_p = 1 is exactly "off", even where float32 mass reaches 1.0 before the tail
+    peaked = torch.tensor([[0.0, -30.0, -30.0, -40.0]])
+    assert torch.isfinite(apply_temperature_topk_topp_minp(peaked, None, top_p=torch.tensor([1.0]))).all()
 
 
 def test_min_p_filters_relative_to_top_probability() -> None:
@@ -193,7 +204,7 @@ def test_logit_bias_dense_and_sparse() -> None:
         ({"logit_bias": {3: 101.0}}, "logit_bias for token 3"),
     ],
 )
-def test_validation_errors(kwargs: dict, match: str) -> None:
+def test_validation_errors(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs).validate(512)
     with pytest.raises(ValueError, match=match):
@@ -251,8 +262,12 @@ def test_each_row_uses_its_own_generator() -> None:
     gens = _gens([5, None, 6])
     u = draw_uniforms(gens, "cpu")
     assert u.dtype == torch.float64 and u.shape == (3,)
-    assert u[0].item() == torch.rand(1, generator=torch.Generator().manual_seed(5), dtype=torch.float64).item()
-    assert u[2].item() == torch.rand(1, generator=torch.Generator().manual_seed(6), dtype=torch.float64).item()
+    assert (
+        u[0].item() == torch.rand(1, generator=torch.Generator().manual_seed(5), dtype=torch.float64).item()
+    )
+    assert (
+        u[2].item() == torch.rand(1, generator=torch.Generator().manual_seed(6), dtype=torch.float64).item()
+    )
 
 
 def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -342,7 +357,7 @@ def tiny() -> RetNet:
 PROMPT = [5, 17, 300, 42, 8, 99]
 
 
-def _assert_same_state(a, b) -> None:
+def _assert_same_state(a: RetentionState, b: RetentionState) -> None:
     assert torch.equal(a.position, b.position)
     for x, y in zip(a.layers, b.layers, strict=True):
         assert torch.allclose(x, y, atol=1e-5), (x - y).abs().max()
@@ -353,7 +368,9 @@ def test_generate_is_deterministic_given_seed(tiny: RetNet) -> None:
     a, _ = generate(tiny, PROMPT, 20, p)
     torch.manual_seed(123)  # the global generator must not matter for a seeded request
     b, _ = generate(tiny, torch.tensor(PROMPT), 20, p)
-    c, _ = generate(tiny, PROMPT, 20, SamplingParams(temperature=1.0, top_k=50, repetition_penalty=1.2, seed=12))
+    c, _ = generate(
+        tiny, PROMPT, 20, SamplingParams(temperature=1.0, top_k=50, repetition_penalty=1.2, seed=12)
+    )
     assert len(a) == 20 and a == b
     assert a != c
 
@@ -384,6 +401,25 @@ def test_generate_final_state_absorbs_prompt_and_returned_tokens(tiny: RetNet) -
         _, ref0 = tiny(torch.tensor([PROMPT]))
     assert none == []
     _assert_same_state(state0, ref0)
+
+
+def test_generate_penalties_count_prompt_and_generated_tokens(tiny: RetNet) -> None:
+    # Biases favour 42 (in the prompt) and then 7 (not in it); the presence penalty (-2) outweighs
+    # both biases once a token has been seen, in the prompt or in the output.
+    params = SamplingParams(
+        temperature=0.0, presence_penalty=2.0, frequency_penalty=0.1, logit_bias={42: 1.0, 7: 0.5}
+    )
+    n = 10
+    out, _ = generate(tiny, PROMPT, n, params)
+    assert out[0] == 7 and 7 not in out[1:] and 42 not in out
+    st = SamplingTensors.from_params([params], tiny.config.vocab_size)
+    seq = list(PROMPT)
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = tiny(torch.tensor([seq]), mode="parallel")
+            counts = count_tokens([seq], tiny.config.vocab_size)
+            seq.append(int(st.sample(logits[:, -1], counts)[0]))
+    assert out == seq[len(PROMPT) :]
 
 
 def test_generate_continues_from_a_state(tiny: RetNet) -> None:
