@@ -56,20 +56,24 @@ def _inv_freq(dim: int, base: float, dtype: torch.dtype, device: torch.device) -
         return 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=dtype) / dim))
 
 
-def rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
-    """Non-interleaved (half-split) rotary embedding over all of x's last dim.
+class Rotary:
+    """Non-interleaved (half-split) rotary embedding tables for given positions, built once per forward.
 
-    x: (B, T, H, D); positions: (B, T) int64, each token's index in its own sequence.
-    Angles in float32 as fla computes them (float64 for float64 inputs); returns x's compute dtype.
+    positions: (B, T) int64, each token's index in its own sequence. Angles are computed in float32
+    as fla computes them (float64 for float64 models). Apply with `rotate(x)`, x: (B, T, H, D).
     """
-    dt = _fp(x)
-    inv_freq = _inv_freq(x.shape[-1], base, dt, x.device)  # (D/2,)
-    angles = positions.to(dt)[..., None] * inv_freq  # (B, T, D/2)
-    cos = torch.cat([angles.cos(), angles.cos()], -1)[:, :, None, :]  # (B, T, 1, D)
-    sin = torch.cat([angles.sin(), angles.sin()], -1)[:, :, None, :]
-    x = x.to(dt)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    def __init__(self, positions: Tensor, dim: int, base: float, dtype: torch.dtype) -> None:
+        dt = torch.float64 if dtype == torch.float64 else torch.float32
+        angles = positions.to(dt)[..., None] * _inv_freq(dim, base, dt, positions.device)  # (B, T, D/2)
+        self.cos = angles.cos().repeat(1, 1, 2)[:, :, None, :]  # (B, T, 1, D)
+        self.sin = angles.sin().repeat(1, 1, 2)[:, :, None, :]
+        self.dtype = dt
+
+    def rotate(self, x: Tensor) -> Tensor:
+        x = x.to(self.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * self.cos + torch.cat([-x2, x1], -1) * self.sin
 
 
 class MultiScaleRetention(nn.Module):
@@ -79,7 +83,6 @@ class MultiScaleRetention(nn.Module):
         self.num_heads = c.num_heads
         self.kv_groups = c.num_heads // c.kv_heads
         self.head_k_dim, self.head_v_dim = c.head_k_dim, c.head_v_dim
-        self.rope_theta = c.rope_theta
         self.q_proj = nn.Linear(c.hidden_size, c.key_dim, bias=False)
         self.k_proj = nn.Linear(c.hidden_size, c.key_dim // self.kv_groups, bias=False)
         self.v_proj = nn.Linear(c.hidden_size, c.value_dim // self.kv_groups, bias=False)
@@ -91,7 +94,7 @@ class MultiScaleRetention(nn.Module):
         self,
         x: Tensor,  # (B, T, D)
         state: Tensor,  # (B, H, Dk, Dv)
-        positions: Tensor,  # (B, T)
+        rope: Rotary,
         mask: Tensor | None,  # (B, T) bool
         keep: Tensor | None,  # (B, T) bool
         mode: Mode,
@@ -101,8 +104,7 @@ class MultiScaleRetention(nn.Module):
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_k_dim)
         k = self.k_proj(x).view(B, T, -1, self.head_k_dim)
         v = self.v_proj(x).view(B, T, -1, self.head_v_dim)
-        q = rotary(q, positions, self.rope_theta)
-        k = rotary(k, positions, self.rope_theta)
+        q, k = rope.rotate(q), rope.rotate(k)
         if self.kv_groups > 1:  # GQA: each kv head serves kv_groups consecutive query heads
             k = k.repeat_interleave(self.kv_groups, dim=2)
             v = v.repeat_interleave(self.kv_groups, dim=2)
@@ -146,13 +148,13 @@ class RetNetBlock(nn.Module):
         self,
         x: Tensor,
         state: Tensor,
-        positions: Tensor,
+        rope: Rotary,
         mask: Tensor | None,
         keep: Tensor | None,
         mode: Mode,
         chunk_size: int,
     ) -> tuple[Tensor, Tensor]:
-        h, state = self.attn(self.attn_norm(x), state, positions, mask, keep, mode, chunk_size)
+        h, state = self.attn(self.attn_norm(x), state, rope, mask, keep, mode, chunk_size)
         x = x + h
         x = x + self.mlp(self.mlp_norm(x))
         return x, state

@@ -46,6 +46,12 @@ def _log_decay(num_heads: int, device: torch.device) -> Tensor:
         return torch.log1p(-torch.pow(2.0, -5.0 - h))
 
 
+@functools.lru_cache(maxsize=64)
+def _gamma(num_heads: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.exp(_log_decay(num_heads, device)).to(dtype)[None, :, None, None]  # (1, H, 1, 1)
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -248,7 +254,10 @@ def recurrent_retention(
     in_dtype = q.dtype
     q, k, v, s, steps = _prepare(q, k, v, initial_state, mask, keep, scale)
     B, H, T, _ = q.shape
-    gamma = torch.exp(retention_log_decay(H, q.device)).to(q.dtype)[None, :, None, None]  # (1, H, 1, 1)
+    gamma = _gamma(H, q.dtype, q.device)  # (1, H, 1, 1)
+    if T == 1 and steps is None:  # the decode step
+        s = torch.addcmul(gamma * s, k.transpose(-1, -2), v)  # (B, H, Dk, Dv)
+        return torch.matmul(q, s).to(in_dtype), (s if output_final_state else None)
     outs = []
     for t in range(T):
         if steps is None:

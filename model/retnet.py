@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from model.config import RetNetConfig
-from model.layers import Mode, RetNetBlock, RMSNorm
+from model.layers import Mode, RetNetBlock, RMSNorm, Rotary
 from model.state import RetentionState
 
 ForwardMode = Literal["auto", "parallel", "chunk", "recurrent"]
@@ -116,9 +116,10 @@ class RetNet(nn.Module):
             new_position = start + seen[:, -1] if T > 0 else start
 
         x = self.model.embeddings(input_ids)  # (B, T, D)
+        rope = Rotary(positions, self.config.head_k_dim, self.config.rope_theta, x.dtype)
         new_layers = []
         for layer, s in zip(self.model.layers, state.layers, strict=True):
-            x, s = layer(x, s, positions, mask, keep, layer_mode, chunk_size)
+            x, s = layer(x, s, rope, mask, keep, layer_mode, chunk_size)
             new_layers.append(s)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]

@@ -193,3 +193,17 @@ def test_bad_inputs_raise_clear_errors(m32):
 def test_small_preset_size():
     n = RetNet(preset("small")).num_parameters()
     assert 4.5e6 < n < 5.5e6
+
+
+@torch.inference_mode()
+def test_bfloat16_model_keeps_float32_state(m32):
+    bf = _model(torch.float32).to(torch.bfloat16)
+    ids = _ids(2, 40)
+    logits, state = bf(ids, mode="chunk", chunk_size=16)
+    assert logits.dtype == torch.bfloat16
+    assert all(t.dtype == torch.float32 for t in state.layers)
+    ref, _ = m32(ids)
+    # bf16 weights and activations: close to float32, not equal
+    assert _rel(logits.float(), ref) < 0.1
+    step, state2 = bf(ids[:, :1], state=state)
+    assert step.dtype == torch.bfloat16 and state2.layers[0].dtype == torch.float32
