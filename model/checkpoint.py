@@ -18,6 +18,7 @@ from torch import Tensor
 
 from model.config import RetNetConfig
 from model.retnet import RetNet
+from model.transformer import GPTBaseline, TransformerConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -33,7 +34,7 @@ class CheckpointError(ValueError):
 
 
 def save_pretrained(
-    model: RetNet,
+    model: RetNet | GPTBaseline,
     path: str | Path,
     tokenizer: object | None = None,
     dtype: torch.dtype | None = None,
@@ -134,6 +135,24 @@ def load_config(path: str | Path) -> RetNetConfig:
     if not (p / CONFIG_NAME).is_file():
         raise CheckpointError(f"{p} is not a model directory: it has no {CONFIG_NAME}")
     return RetNetConfig.from_json_file(p / CONFIG_NAME)
+
+
+def load_baseline(path: str | Path, device: torch.device | str = "cpu") -> GPTBaseline:
+    """Load a Transformer-baseline model directory (written by save_pretrained)."""
+    p = Path(path)
+    try:
+        config = TransformerConfig.from_dict(json.loads((p / CONFIG_NAME).read_text()))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p / CONFIG_NAME} is missing or not JSON: {e}") from e
+    model = GPTBaseline(config)
+    sd = _read_tensors(p)
+    if config.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["embeddings.weight"]
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise CheckpointError(f"weights in {p} do not fit its config: {e}") from e
+    return model.to(device).eval()
 
 
 def from_pretrained(
