@@ -466,6 +466,7 @@ def glob_files(pattern: str, what: str) -> tuple[Path, list[Path]]:
 
 
 def rel_id(path: Path, base: Path) -> str:
+    """``path`` relative to ``base`` in POSIX form (the document id of a local file)."""
     return path.relative_to(base).as_posix() if path.is_relative_to(base) else path.as_posix()
 
 
@@ -488,6 +489,7 @@ def fineweb_files(pattern: str) -> tuple[Path, list[Path]]:
 
 
 def iter_jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """Objects of a ``.jsonl`` or ``.jsonl.gz`` file, one line at a time."""
     opener: Callable[..., IO[str]] = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
@@ -506,6 +508,7 @@ def iter_jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def require_pyarrow() -> Any:
+    """``pyarrow.parquet``, or a DataPrepError saying how to install it."""
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
@@ -517,6 +520,7 @@ def require_pyarrow() -> Any:
 
 
 def iter_parquet_rows(path: Path, text_field: str) -> Iterator[dict[str, Any]]:
+    """``{text_field: ..., "id": ...}`` rows of a parquet file, read one record batch at a time."""
     try:
         pf = require_pyarrow().ParquetFile(path)
         names = pf.schema_arrow.names
