@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU build of torch; on a GPU host install the CUDA build of the same version into the venv first.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint format bench clean serve
+.PHONY: install test lint format bench clean serve shipped-model compare
 
 install: $(VENV)/.installed
 
@@ -37,3 +37,16 @@ clean:
 serve:
 	@echo "The server arrives with the HTTP server issue; today the model core, its tests and 'make bench' work." >&2
 	@exit 2
+
+# Rebuild the shipped default model from scratch (downloads the builtin corpus; ~45 min on 2 CPU cores).
+shipped-model: install
+	$(PY) -m training prepare builtin
+	$(PY) -m training train-tokenizer --vocab-size 8192
+	$(PY) -m training tokenize
+	$(PY) -m training train --config small --set max_steps=900 max_minutes=52
+	$(PY) -m training export --run runs/small --out checkpoints/retserve-small \
+		--command "python -m training train --config small --set max_steps=900 max_minutes=52"
+
+# RetNet vs Transformer baseline at matched size (needs the prepared corpus and tokenizer above).
+compare: install
+	$(PY) -m training compare

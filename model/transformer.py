@@ -69,7 +69,7 @@ class TransformerConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_heads=2, intermediate_size=192),
+    "tiny": dict(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_heads=2, intermediate_size=107),
     "small": dict(vocab_size=8192, hidden_size=192, num_hidden_layers=4, num_heads=4, intermediate_size=512),
 }
 

@@ -171,3 +171,35 @@ def test_config_errors_and_overrides(tmp_path):
         "seq_len": 128,
     }
     assert TrainConfig.from_yaml("small").preset == "small"
+
+
+def test_export_writes_a_shippable_directory(data_dirs, tmp_path):
+    from training.export import export_run
+
+    run = tmp_path / "run"
+    train(_cfg(data_dirs, run, max_steps=12, eval_interval=6, ckpt_interval=0))
+    out = tmp_path / "shipped"
+    figures = export_run(run, out, dtype="bfloat16", command="python -m training train --config tiny")
+    model = from_pretrained(out)
+    assert (out / "model.safetensors").stat().st_size < (run / "model" / "model.safetensors").stat().st_size
+    assert figures["steps"] == 12 and figures["tokens_seen"] == 12 * 8 * 64
+    card = (out / "README.md").read_text()
+    assert f"{figures['val_loss_exported']:.3f}" in card and "python -m training train --config tiny" in card
+    assert model.config.eos_token_id == make_test_tokenizer().eos_id
+
+
+def test_compare_writes_table_and_plot(data_dirs, tmp_path):
+    import yaml
+
+    from training.compare import run_comparison
+
+    cfg = _cfg(data_dirs, tmp_path / "cmp").to_dict()
+    cfg.update(max_steps=6, eval_interval=3, ckpt_interval=0, sample_tokens=0)
+    (tmp_path / "cmp.yaml").write_text(yaml.safe_dump(cfg))
+    docs = tmp_path / "docs"
+    res = run_comparison(str(tmp_path / "cmp.yaml"), tmp_path / "cmp", docs, contexts=[8, 32])
+    assert set(res) == {"retnet", "transformer"}
+    assert abs(res["retnet"]["params"] - res["transformer"]["params"]) / res["retnet"]["params"] < 0.05
+    assert (docs / "compare.png").stat().st_size > 1000
+    table = (docs / "compare.md").read_text()
+    assert "decode ms/token @ 32" in table and "final val loss" in table

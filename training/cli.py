@@ -1,4 +1,4 @@
-"""`python -m training <command>`: prepare, train-tokenizer, tokenize, train, eval, compare."""
+"""`python -m training <command>`: prepare, train-tokenizer, tokenize, train, eval, export, compare."""
 
 from __future__ import annotations
 
@@ -71,6 +71,12 @@ def cmd_eval(a: argparse.Namespace) -> None:
     _print({"model": str(a.model), "split": a.split, **res})
 
 
+def cmd_export(a: argparse.Namespace) -> None:
+    from training.export import export_run
+
+    _print(export_run(a.run, a.out, dtype=a.dtype, command=a.command))
+
+
 def cmd_compare(a: argparse.Namespace) -> None:
     from training.compare import run_comparison
 
@@ -119,6 +125,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batches", type=int, default=None)
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="ship a finished run: half-precision weights, tokenizer, model card")
+    p.add_argument("--run", type=Path, default=Path("runs/small"))
+    p.add_argument("--out", type=Path, default=Path("checkpoints/retserve-small"))
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--command", default=None, help="the training command to record in the model card")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compare", help="RetNet vs Transformer baseline: loss curves and decode cost")
     p.add_argument("--config", default="compare")
