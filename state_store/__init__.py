@@ -1,0 +1,69 @@
+"""Session state store: a versioned safetensors codec for RetentionState, and async stores.
+
+- `StateCodec(config, fingerprint)`: `encode(state) -> bytes`, `decode(bytes) -> DecodedState`.
+- `model_fingerprint(model)`: the config + weights hash a codec checks states against.
+- `MemoryStateStore()`: the embedded default (in-process LRU). `RedisStateStore.from_url(url)`:
+  Redis or Redis Cluster. Both implement `StateStore` (get / put / delete / exists / list / touch /
+  get_info, lease locks, optimistic versions) and count operations in `store.metrics`.
+- `SessionStates(store, codec)`: save / load RetentionStates directly.
+"""
+
+from state_store.base import EntryInfo, Lease, Page, StateStore, StoredState
+from state_store.codec import DecodedState, StateCodec, max_abs_error, max_rel_error
+from state_store.errors import (
+    CorruptStateError,
+    InvalidKeyError,
+    LockError,
+    LockHeldError,
+    LockNotHeldError,
+    ModelMismatchError,
+    StateCodecError,
+    StateFormatError,
+    StateStoreError,
+    StateVersionError,
+    StoreUnavailable,
+    ValueTooLargeError,
+    VersionConflictError,
+)
+from state_store.fingerprint import config_fingerprint, model_fingerprint
+from state_store.header import FORMAT_VERSION, Provenance, StateMeta
+from state_store.memory import MemoryStateStore
+from state_store.metrics import StoreMetrics, StoreMetricsCollector
+from state_store.redis_store import RedisStateStore
+from state_store.sessions import LoadedState, SessionStates
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CorruptStateError",
+    "DecodedState",
+    "EntryInfo",
+    "InvalidKeyError",
+    "Lease",
+    "LoadedState",
+    "LockError",
+    "LockHeldError",
+    "LockNotHeldError",
+    "MemoryStateStore",
+    "ModelMismatchError",
+    "Page",
+    "Provenance",
+    "RedisStateStore",
+    "SessionStates",
+    "StateCodec",
+    "StateCodecError",
+    "StateFormatError",
+    "StateMeta",
+    "StateStore",
+    "StateStoreError",
+    "StateVersionError",
+    "StoreMetrics",
+    "StoreMetricsCollector",
+    "StoreUnavailable",
+    "StoredState",
+    "ValueTooLargeError",
+    "VersionConflictError",
+    "config_fingerprint",
+    "max_abs_error",
+    "max_rel_error",
+    "model_fingerprint",
+]

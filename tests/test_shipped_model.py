@@ -25,7 +25,8 @@ MAX_WEIGHTS_BYTES = 25 * 1024 * 1024
 
 
 def test_shipped_checkpoint_is_small_and_complete():
-    for name in ("config.json", "model.safetensors", "tokenizer.tiktoken", "tokenizer_meta.json", "README.md"):
+    names = ("config.json", "model.safetensors", "tokenizer.tiktoken", "tokenizer_meta.json", "README.md")
+    for name in names:
         assert (SHIPPED / name).is_file(), name
     assert (SHIPPED / "model.safetensors").stat().st_size <= MAX_WEIGHTS_BYTES
 

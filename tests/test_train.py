@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -137,8 +138,23 @@ def test_torchrun_two_processes(data_dirs, tmp_path):
         "max_steps=6", "eval_interval=6", "ckpt_interval=6", "log_interval=1", "sample_tokens=4", "threads=1",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Own process group, so that a hang kills the workers too, not only the launcher.
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     log = _log(out)
     start = next(r for r in log if r.get("event") == "start")
     assert start["world"] == 2 and start["tokens_per_step"] == 2 * 8 * 64
