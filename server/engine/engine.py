@@ -1,0 +1,225 @@
+"""The engine: a scheduler loop on its own thread, fed and drained thread-safely from asyncio.
+
+Usage (from a coroutine)::
+
+    engine = Engine(model, tokenizer, EngineConfig(max_running=64))
+    stream = engine.submit(EngineRequest(prompt_ids, EngineSamplingParams(max_tokens=32)))
+    async for out in stream:        # RequestOutput deltas; the last one has finished=True
+        ...
+    engine.shutdown()
+
+`submit` fails fast with `EngineOverloaded` when the requests in the engine (running rows plus
+waiting ones) would exceed `max_running + max_waiting`, or the unread prompt tokens would exceed
+`max_queued_prompt_tokens`: nothing is ever queued without bound. Leaving the `async for` early (or
+cancelling the consuming task) aborts the request, as does `abort(request_id)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from model.retnet import RetNet
+from model.sampling import count_tokens
+from model.tokenizer import Tokenizer
+from server.engine.detokenizer import Detokenizer
+from server.engine.runner import Runner
+from server.engine.scheduler import Sequence
+from server.engine.types import (
+    EngineConfig,
+    EngineOverloaded,
+    EngineRequest,
+    IterationStats,
+    RequestOutput,
+    RequestTimings,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RequestStream:
+    """Async iterator over one request's `RequestOutput` deltas."""
+
+    def __init__(self, engine: Engine, request_id: str) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.finished = False
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                out = await self.queue.get()
+                self.finished = out.finished
+                yield out
+        finally:
+            if not self.finished:
+                self.engine.abort(self.request_id)
+
+    async def collect(self) -> tuple[list[int], str, RequestOutput]:
+        """Every reported token id, the whole text, and the final output."""
+        ids: list[int] = []
+        text = ""
+        async for out in self:
+            ids += out.token_ids
+            text += out.text
+            if out.finished:
+                return ids, text, out
+        raise RuntimeError("stream ended without a final output")  # pragma: no cover
+
+    def abort(self) -> None:
+        self.engine.abort(self.request_id)
+
+
+class Engine:
+    """Continuous batching of RetNet requests; see the module docstring."""
+
+    def __init__(
+        self, model: RetNet, tokenizer: Tokenizer, config: EngineConfig | None = None, start: bool = True
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.stats: collections.deque[IterationStats] = collections.deque(maxlen=self.config.stats_history)
+        self._cond = threading.Condition()
+        self._inbox: list[Sequence] = []
+        self._aborts: list[str] = []
+        self._stopping = False
+        self._in_engine = 0  # submitted and not finished
+        self._queued_tokens = 0  # prompt tokens not yet read
+        self._seqs: dict[str, Sequence] = {}  # engine thread only
+        self.error: BaseException | None = None
+        self._runner = Runner(model, tokenizer, self.config, self._prompt_read, self._finished)
+        self._thread = threading.Thread(target=self._loop, name="retserve-engine", daemon=True)
+        if start:
+            self._thread.start()
+
+    def start(self) -> None:
+        """Start the loop thread (only needed with `start=False`; requests submitted before wait)."""
+        self._thread.start()
+
+    # ---- public API (any thread; submit needs a running event loop) ----------------------------
+    def submit(self, request: EngineRequest) -> RequestStream:
+        params = request.params
+        params.validate_engine(self.model.config.vocab_size)
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise ValueError("a request needs at least one prompt token")
+        if min(request.prompt_ids) < 0 or max(request.prompt_ids) >= self.model.config.vocab_size:
+            raise ValueError("prompt token ids out of range")
+        if request.state is not None:
+            request.state.check(self.model.config)
+            if request.state.batch_size != 1:
+                raise ValueError("a request's state must have exactly one row")
+            want = self.model.empty_state(1)
+            if request.state.device != want.device or request.state.dtype != want.dtype:
+                request.state = request.state.to(want.device, want.dtype)
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(self, request.request_id)
+
+        def emit(out: RequestOutput) -> None:
+            with contextlib.suppress(RuntimeError):  # a closed event loop: nobody listens any more
+                loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+        seq = Sequence(
+            request=request,
+            detok=Detokenizer(self.tokenizer, params.stop, params.min_tokens),
+            generator=params.make_generator(),
+            timings=RequestTimings(arrival=time.perf_counter()),
+            emit=emit,
+            state=request.state,
+        )
+        if params.uses_penalties:
+            seq.counts = count_tokens([request.prompt_ids], self.model.config.vocab_size)[0]
+        c = self.config
+        with self._cond:
+            if self._stopping or self.error is not None:
+                raise EngineOverloaded("shutdown", "the engine is shutting down")
+            if self._in_engine >= c.max_running + c.max_waiting:
+                raise EngineOverloaded(
+                    "waiting_requests", f"{self._in_engine} requests in the engine (limit reached)"
+                )
+            if self._queued_tokens + n > c.max_queued_prompt_tokens:
+                raise EngineOverloaded(
+                    "queued_prompt_tokens",
+                    f"{self._queued_tokens} prompt tokens queued; {n} more exceed the limit",
+                )
+            self._in_engine += 1
+            self._queued_tokens += n
+            self._inbox.append(seq)
+            self._cond.notify()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            self._aborts.append(request_id)
+            self._cond.notify()
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Abort every request (each gets its final output) and join the engine thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def load(self) -> dict[str, int]:
+        """Requests in the engine, unread prompt tokens, and rows of the last iteration."""
+        with self._cond:
+            return {
+                "requests": self._in_engine,
+                "queued_prompt_tokens": self._queued_tokens,
+                "rows": self.stats[-1].decode_rows if self.stats else 0,
+            }
+
+    # ---- engine thread -------------------------------------------------------------------------
+    def _prompt_read(self, n: int) -> None:
+        with self._cond:
+            self._queued_tokens -= n
+
+    def _finished(self, seq: Sequence) -> None:
+        self._seqs.pop(seq.request.request_id, None)
+        with self._cond:
+            self._in_engine -= 1
+
+    def _loop(self) -> None:
+        runner = self._runner
+        try:
+            while True:
+                with self._cond:
+                    while not (self._inbox or self._aborts or self._stopping or runner.sched.has_work()):
+                        self._cond.wait()
+                    inbox, self._inbox = self._inbox, []
+                    aborts, self._aborts = self._aborts, []
+                    stopping = self._stopping
+                for seq in inbox:
+                    self._seqs[seq.request.request_id] = seq
+                    runner.sched.waiting.append(seq)
+                for rid in aborts:
+                    seq = self._seqs.get(rid)
+                    if seq is not None:
+                        runner.abort(seq)
+                if stopping:
+                    runner.abort_all()
+                    return
+                if runner.sched.has_work():
+                    self.stats.append(runner.step())
+        except BaseException as exc:  # keep the error; end every request rather than hang clients
+            with self._cond:
+                self.error = exc
+                self._stopping = True
+                inbox, self._inbox = self._inbox, []
+            for seq in [*self._seqs.values(), *inbox]:
+                if seq.finishing is None or seq.final_feed:
+                    rid = seq.request.request_id
+                    seq.emit(RequestOutput(rid, [], "", finished=True, finish_reason="abort"))
+            log.exception("engine loop failed; every request was ended (abort) and submit now refuses")

@@ -1,0 +1,213 @@
+"""Engine under load: abort, mass cancellation, backpressure, chunked prefill, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+
+import pytest
+
+from server.engine import Engine, EngineConfig, EngineOverloaded, EngineRequest, EngineSamplingParams
+from tests.test_engine_batching import TEXT, model, tok
+
+
+def greedy(n: int) -> EngineSamplingParams:
+    return EngineSamplingParams(temperature=0, max_tokens=n)
+
+
+def test_abort_frees_its_row_within_one_iteration():
+    async def main():
+        eng = Engine(model(), tok())
+        try:
+            victim = eng.submit(EngineRequest(tok().encode("The fox"), greedy(100_000)))
+            got, n_before = 0, None
+            async for out in victim:
+                got += len(out.token_ids)
+                if got >= 3 and n_before is None:
+                    n_before = len(eng.stats)
+                    victim.abort()
+                if out.finished:
+                    break
+            await asyncio.sleep(0.02)
+            # alone in the engine: once it has left, the loop idles and no iteration runs any more
+            return out, len(eng.stats) - n_before, eng.load()
+        finally:
+            eng.shutdown()
+
+    out, iterations, load = asyncio.run(main())
+    assert out.finish_reason == "abort" and out.state is not None
+    assert iterations <= 2  # the iteration under way, then the one that absorbs its last token
+    assert load["requests"] == 0
+
+
+def test_many_requests_half_cancelled_leave_nothing_behind():
+    threads_before = set(threading.enumerate())
+    rng = random.Random(0)
+    ids = tok().encode(TEXT)
+
+    async def main():
+        eng = Engine(model(), tok(), EngineConfig(max_running=16, max_waiting=300, prefill_chunk=16))
+
+        async def consume(stream):
+            return await stream.collect()
+
+        tasks, streams = [], []
+        for i in range(200):
+            n = rng.randint(1, 60)
+            p = EngineSamplingParams(
+                temperature=rng.choice([0.0, 1.0]),
+                max_tokens=rng.randint(1, 12),
+                stop=["xq"] if i % 3 else [],
+            )
+            s = eng.submit(EngineRequest(ids[:n], p))
+            streams.append(s)
+            tasks.append(asyncio.create_task(consume(s)))
+            if i % 20 == 0:
+                await asyncio.sleep(0)
+        cancelled = rng.sample(range(200), 100)
+        for j, i in enumerate(cancelled):
+            await asyncio.sleep(rng.random() * 0.002)
+            if j % 2:
+                tasks[i].cancel()  # the client goes away: leaving the stream aborts the request
+            else:
+                streams[i].abort()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(200):  # cancelled consumers abort asynchronously: wait for the engine to drain
+            if eng.load()["requests"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        load = eng.load()
+        sched = eng._runner.sched
+        leftovers = (len(sched.waiting), len(sched.prefilling), len(sched.running), eng._runner.batch_state)
+        eng.shutdown()
+        return results, load, leftovers, eng
+
+    results, load, leftovers, eng = asyncio.run(main())
+    assert load["requests"] == 0 and load["queued_prompt_tokens"] == 0
+    assert leftovers == (0, 0, 0, None)
+    assert not eng.alive and eng.error is None
+    finished = [r for r in results if isinstance(r, tuple)]
+    assert any(r[2].finish_reason == "abort" for r in finished)
+    assert any(r[2].finish_reason == "length" for r in finished)
+    assert set(threading.enumerate()) <= threads_before
+
+
+def test_backpressure_rejects_instead_of_queueing():
+    async def main():
+        eng = Engine(
+            model(),
+            tok(),
+            EngineConfig(max_running=2, max_waiting=2, max_queued_prompt_tokens=100),
+            start=False,
+        )
+        try:
+            ok = [eng.submit(EngineRequest([1, 2, 3], greedy(5))) for _ in range(4)]
+            with pytest.raises(EngineOverloaded) as e1:
+                eng.submit(EngineRequest([1, 2, 3], greedy(5)))
+            assert e1.value.limit == "waiting_requests"
+            assert eng.load()["requests"] == 4
+            eng.start()
+            results = [await s.collect() for s in ok]
+            assert all(r[2].finish_reason == "length" for r in results)
+            # queued prompt tokens
+            eng2 = Engine(model(), tok(), EngineConfig(max_queued_prompt_tokens=100), start=False)
+            eng2.submit(EngineRequest([1] * 80, greedy(1)))
+            with pytest.raises(EngineOverloaded) as e2:
+                eng2.submit(EngineRequest([1] * 30, greedy(1)))
+            assert e2.value.limit == "queued_prompt_tokens"
+            eng2.shutdown()
+            # after shutdown, submit is refused too
+            with pytest.raises(EngineOverloaded):
+                eng2.submit(EngineRequest([1], greedy(1)))
+        finally:
+            eng.shutdown()
+
+    asyncio.run(main())
+
+
+def test_long_prompt_prefill_is_split_across_iterations():
+    ids = tok().encode(TEXT * 3)
+    assert len(ids) > 200
+
+    async def main():
+        eng = Engine(model(), tok(), EngineConfig(prefill_chunk=32, prefill_budget=32))
+        try:
+            stream = eng.submit(EngineRequest(tok().encode("The"), greedy(10_000)))
+            running = asyncio.create_task(stream.collect())
+            while not eng.stats:
+                await asyncio.sleep(0.001)
+            long = await eng.submit(EngineRequest(ids, greedy(2))).collect()
+            stream.abort()
+            await running
+            return list(eng.stats), long
+        finally:
+            eng.shutdown()
+
+    stats, long = asyncio.run(main())
+    assert long[2].usage.prompt_tokens == len(ids) and long[2].finish_reason == "length"
+    assert max(s.prefill_tokens for s in stats) <= 32
+    during = [s for s in stats if s.prefill_tokens == 32]
+    assert len(during) >= len(ids) // 32 - 1
+    # the running stream kept decoding in the iterations that read the long prompt
+    assert all(s.decode_rows >= 1 for s in during)
+    assert long[2].timings.prefill_s > 0 and long[2].timings.ttft_s >= long[2].timings.prefill_s
+
+
+def test_keep_mask_hook_is_applied():
+    seen = []
+
+    def keep(req, prompt):
+        import torch
+
+        seen.append(len(prompt))
+        m = torch.ones(len(prompt), dtype=torch.bool)
+        m[1::2] = False
+        return m
+
+    async def main(cfg):
+        eng = Engine(model(), tok(), cfg)
+        try:
+            return await eng.submit(EngineRequest(tok().encode(TEXT)[:40], greedy(4))).collect()
+        finally:
+            eng.shutdown()
+
+    dropped = asyncio.run(main(EngineConfig(keep_mask=keep, prefill_chunk=16)))
+    full = asyncio.run(main(EngineConfig(prefill_chunk=16)))
+    assert seen == [40]
+    assert not dropped[2].state.equal(full[2].state)
+
+
+def test_invalid_requests_are_refused_and_a_crashed_loop_ends_every_stream():
+    async def main():
+        eng = Engine(model(), tok())
+        try:
+            with pytest.raises(ValueError):
+                eng.submit(EngineRequest([], greedy(1)))
+            with pytest.raises(ValueError):
+                eng.submit(EngineRequest([1], EngineSamplingParams(max_tokens=2, min_tokens=3)))
+            with pytest.raises(ValueError):
+                eng.submit(EngineRequest([tok().vocab_size], greedy(1)))
+        finally:
+            eng.shutdown()
+
+        import copy
+
+        broken = copy.deepcopy(model())
+
+        def boom(*args, **kwargs):
+            raise RuntimeError("model failure")
+
+        broken.forward = boom
+        eng = Engine(broken, tok())
+        try:
+            ids, _, out = await eng.submit(EngineRequest([1, 2], greedy(3))).collect()
+            assert out.finished and out.finish_reason == "abort" and ids == []
+            assert isinstance(eng.error, RuntimeError)
+            with pytest.raises(EngineOverloaded):
+                eng.submit(EngineRequest([1], greedy(1)))
+        finally:
+            eng.shutdown()
+        assert not eng.alive
+
+    asyncio.run(main())
