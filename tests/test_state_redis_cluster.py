@@ -13,17 +13,14 @@ import redis
 
 from state_store import LockHeldError, RedisStateStore, VersionConflictError
 from state_store.keys import key_slot, session_keys
-from tests.test_state_support import IN_CI, RedisServer, run, tiny_blob
+from tests.test_state_support import RedisServer, redis_missing, run, tiny_blob
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
     cli = shutil.which("redis-cli")
     if cli is None:
-        msg = "redis-cli is not on PATH (it comes with redis-server)"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
+        redis_missing("redis-cli is not on PATH (it comes with redis-server)")
     nodes: list[RedisServer] = []
     try:
         for i in range(3):

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import pytest
 import redis
@@ -78,6 +78,13 @@ def big_config(layers: int = 8) -> RetNetConfig:
 
 
 # ---- shared Redis (REDIS_URL) ------------------------------------------------------------------
+def redis_missing(msg: str) -> NoReturn:
+    """Skip a Redis test, except under CI=true, where a missing Redis is a failure."""
+    if IN_CI:
+        pytest.fail(msg + " (CI=true: Redis tests may not be skipped)")
+    pytest.skip(msg)
+
+
 def require_redis(url: str = REDIS_URL) -> None:
     """Skip (or, under CI=true, fail) unless a Redis answers at `url`."""
     try:
@@ -85,10 +92,7 @@ def require_redis(url: str = REDIS_URL) -> None:
         client.ping()
         client.close()
     except redis.RedisError as e:
-        msg = f"no Redis reachable at REDIS_URL={url} ({e}); start one or set REDIS_URL"
-        if IN_CI:
-            pytest.fail(msg + " (CI=true: Redis tests may not be skipped)")
-        pytest.skip(msg)
+        redis_missing(f"no Redis reachable at REDIS_URL={url} ({e}); start one or set REDIS_URL")
 
 
 def new_prefix() -> str:
@@ -141,10 +145,9 @@ class RedisServer:
     def __init__(self, workdir: Path, extra: list[str] | None = None) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
-            msg = "redis-server is not on PATH (install redis-server, e.g. apt-get install redis-server)"
-            if IN_CI:
-                pytest.fail(msg)
-            pytest.skip(msg)
+            redis_missing(
+                "redis-server is not on PATH (install redis-server, e.g. apt-get install redis-server)"
+            )
         self.exe = exe
         self.workdir = workdir
         self.extra = extra or []
