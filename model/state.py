@@ -62,7 +62,7 @@ class RetentionState:
 
     def check(self, config: RetNetConfig) -> None:
         """Raise StateMismatchError unless this state fits a model with `config`."""
-        if self.config.fingerprint_dict() != config.fingerprint_dict():
+        if self.config is not config and self.config.fingerprint_dict() != config.fingerprint_dict():
             raise StateMismatchError("this state belongs to a model of another shape; it cannot be used here")
         if len(self.layers) != config.num_hidden_layers:
             raise StateMismatchError(
