@@ -4,7 +4,7 @@ Prints, for the shipped `checkpoints/retserve-small` on this CPU:
   - aggregate completion tokens/s with 1, 8, 32, 64 concurrent greedy requests
   - inter-token latency p50/p99 of 8 running streams, without and while an 8k-token prompt is read
 
-Usage: python bench/bench_engine.py [--tokens 32] [--budget 128] [--long 8192] [--threads N]
+Usage: python bench/bench_engine.py [--tokens 32] [--budget 64] [--idle-budget 1024] [--long 8192] [--threads N] [--compile]
 """
 
 from __future__ import annotations
@@ -86,21 +86,44 @@ async def latency(model, tok, cfg: EngineConfig, long_len: int | None, streams: 
         eng.shutdown()
 
 
+async def long_alone(model, tok, cfg: EngineConfig, long_len: int) -> float:
+    """Seconds to the first token of a long prompt with nothing else running (the idle budget)."""
+    eng = Engine(model, tok, cfg)
+    try:
+        long_ids = (tok.encode(PROMPT + " ") * (long_len // 8 + 1))[:long_len]
+        p = EngineSamplingParams(temperature=0, max_tokens=1)
+        await eng.submit(EngineRequest(long_ids[:256], p)).collect()  # warm-up
+        t0 = time.perf_counter()
+        await eng.submit(EngineRequest(long_ids, p)).collect()
+        return time.perf_counter() - t0
+    finally:
+        eng.shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default=str(ROOT / "checkpoints/retserve-small"))
     ap.add_argument("--tokens", type=int, default=32, help="completion tokens per request")
-    ap.add_argument("--budget", type=int, default=128, help="prefill tokens per iteration (and chunk)")
+    ap.add_argument("--budget", type=int, default=None, help="prefill tokens per iteration, rows decoding")
+    ap.add_argument("--idle-budget", type=int, default=None, help="prefill tokens per iteration, no rows")
     ap.add_argument("--long", type=int, default=8192)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="engine intra-op threads")
     ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (buckets)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)  # the event loop's thread; the engine thread gets --threads
     model = from_pretrained(args.checkpoint).float().eval()
     tok = load_tokenizer(args.checkpoint)
-    cfg = EngineConfig(max_running=64, prefill_chunk=args.budget, prefill_budget=args.budget)
-    print(f"retserve-small engine benchmark, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    cfg = EngineConfig(max_running=64, num_threads=args.threads, compile=args.compile)
+    if args.budget:
+        cfg.prefill_budget_decoding = args.budget
+    if args.idle_budget:
+        cfg.prefill_budget = args.idle_budget
+    print(
+        f"retserve-small engine benchmark, torch {torch.__version__}, engine threads {args.threads},"
+        f" prefill chunk {cfg.prefill_chunk}, budget {cfg.prefill_budget} idle /"
+        f" {cfg.prefill_budget_decoding} decoding, compile {cfg.compile}"
+    )
     base = None
     for n in [int(x) for x in args.concurrency.split(",")]:
         tps = asyncio.run(throughput(model, tok, cfg, n, args.tokens))
@@ -113,6 +136,8 @@ def main() -> None:
         f"  ITL 8 streams, {args.long}-token admission: p50 {q50:6.1f} ms  p99 {q99:6.1f} ms"
         f"  ({n} gaps, prompt read in {dt:.1f}s; p99 ratio {q99 / p99:.1f}x)"
     )
+    alone = asyncio.run(long_alone(model, tok, cfg, args.long))
+    print(f"  {args.long}-token prompt alone: first token after {alone:.2f}s")
 
 
 if __name__ == "__main__":

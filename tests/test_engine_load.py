@@ -131,7 +131,7 @@ def test_long_prompt_prefill_is_split_across_iterations():
     assert len(ids) > 200
 
     async def main():
-        eng = Engine(model(), tok(), EngineConfig(prefill_chunk=32, prefill_budget=32))
+        eng = Engine(model(), tok(), EngineConfig(prefill_chunk=32, prefill_budget_decoding=32))
         try:
             stream = eng.submit(EngineRequest(tok().encode("The"), greedy(10_000)))
             running = asyncio.create_task(stream.collect())
@@ -211,3 +211,34 @@ def test_invalid_requests_are_refused_and_a_crashed_loop_ends_every_stream():
         assert not eng.alive
 
     asyncio.run(main())
+
+
+def test_prefill_budget_adapts_to_decoding_rows():
+    """Alone, a long prompt is read in big aligned pieces; with rows decoding, in small ones."""
+    from server.engine.detokenizer import Detokenizer
+    from server.engine.scheduler import Scheduler, Sequence
+    from server.engine.types import RequestTimings
+
+    def seq(n: int) -> Sequence:
+        return Sequence(
+            EngineRequest(list(range(n)), greedy(1)), Detokenizer(tok(), []), None, RequestTimings(0.0), print
+        )
+
+    cfg = EngineConfig(prefill_chunk=16, prefill_budget=100, prefill_budget_decoding=20)
+    s = Scheduler(cfg)
+    a, b = seq(250), seq(10)
+    s.waiting.extend([a, b])
+    s.admit()
+    plan = s.plan_prefill()  # no row decoding: 100 tokens of budget, pieces end on multiples of 16
+    assert [(x is a, st, e) for x, st, e in plan] == [(True, 0, 96)]
+    a.prefilled = 96
+    s.running.append(seq(1))  # a row is decoding now: budget 20 -> one 16-token segment
+    assert [(x is a, st, e) for x, st, e in s.plan_prefill()] == [(True, 96, 112)]
+    a.prefilled = 240  # 10 tokens left in a, then b's 10 fit in the rest of the budget
+    assert [(x is a, st, e) for x, st, e in s.plan_prefill()] == [(True, 240, 250), (False, 0, 10)]
+    s.running.clear()
+    a.prefilled = 0
+    cfg.prefill_budget = 8  # smaller than a segment: still one segment per iteration
+    assert [(x is a, st, e) for x, st, e in s.plan_prefill()] == [(True, 0, 16)]
+    with pytest.raises(ValueError, match="prefill_budget_decoding"):
+        EngineConfig(prefill_budget_decoding=0)

@@ -24,6 +24,8 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
+import torch
+
 from model.retnet import RetNet
 from model.sampling import count_tokens
 from model.tokenizer import Tokenizer
@@ -40,6 +42,11 @@ from server.engine.types import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
 
 
 class RequestStream:
@@ -93,6 +100,9 @@ class Engine:
         self._in_engine = 0  # submitted and not finished
         self._queued_tokens = 0  # prompt tokens not yet read
         self._seqs: dict[str, Sequence] = {}  # engine thread only
+        # outputs of the current iteration, per event loop (engine thread only): one wake-up per
+        # loop and iteration instead of one per output
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         self.error: BaseException | None = None
         self._runner = Runner(model, tokenizer, self.config, self._prompt_read, self._finished)
         self._thread = threading.Thread(target=self._loop, name="retserve-engine", daemon=True)
@@ -122,9 +132,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         stream = RequestStream(self, request.request_id)
 
-        def emit(out: RequestOutput) -> None:
-            with contextlib.suppress(RuntimeError):  # a closed event loop: nobody listens any more
-                loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+        def emit(out: RequestOutput) -> None:  # engine thread: delivered at the end of the iteration
+            self._outbox.setdefault(loop, []).append((stream.queue, out))
 
         seq = Sequence(
             request=request,
@@ -191,9 +200,24 @@ class Engine:
         with self._cond:
             self._in_engine -= 1
 
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            with contextlib.suppress(RuntimeError):  # a closed event loop: nobody listens any more
+                loop.call_soon_threadsafe(_deliver, items)
+
     def _loop(self) -> None:
+        if self.config.num_threads is not None:
+            torch.set_num_threads(self.config.num_threads)  # this thread's OpenMP team
+        try:
+            self._run()
+        finally:
+            self._flush()
+
+    def _run(self) -> None:
         runner = self._runner
         try:
+            runner.decode_step.warmup()  # compiles on this thread before the first request
             while True:
                 with self._cond:
                     while not (self._inbox or self._aborts or self._stopping or runner.sched.has_work()):
@@ -213,6 +237,7 @@ class Engine:
                     return
                 if runner.sched.has_work():
                     self.stats.append(runner.step())
+                self._flush()
         except BaseException as exc:  # keep the error; end every request rather than hang clients
             with self._cond:
                 self.error = exc

@@ -25,6 +25,7 @@ from model.retnet import RetNet
 from model.sampling import SamplingTensors, add_tokens, logprobs
 from model.state import RetentionState
 from model.tokenizer import Tokenizer
+from server.engine.decode import DecodeStep
 from server.engine.scheduler import Scheduler, Sequence
 from server.engine.types import (
     EngineConfig,
@@ -50,6 +51,7 @@ class Runner:
         self.tokenizer = tokenizer
         self.config = config
         self.sched = Scheduler(config)
+        self.decode_step = DecodeStep(model, config.compile, config.compile_buckets)
         self.batch_state: RetentionState | None = None  # rows = sched.running
         self.vocab = model.config.vocab_size
         self.eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_id
@@ -141,7 +143,7 @@ class Runner:
         running = self.sched.running
         assert self.batch_state is not None
         toks = torch.tensor([[seq.generated[-1]] for seq in running], dtype=torch.long)  # (B, 1)
-        logits, self.batch_state = self.model(toks.to(self.model.device), self.batch_state, mode="recurrent")
+        logits, self.batch_state = self.decode_step(toks.to(self.model.device), self.batch_state)  # (B, V)
         sample_rows: list[int] = []
         for i, seq in enumerate(running):
             seq.absorbed += 1
@@ -152,7 +154,7 @@ class Runner:
                 seq.snapshots[seq.absorbed] = self.batch_state.select([i])
             sample_rows.append(i)
         if sample_rows:
-            self._sample_and_accept([running[i] for i in sample_rows], logits[sample_rows, -1])
+            self._sample_and_accept([running[i] for i in sample_rows], logits[sample_rows])
         self._compact()
 
     def _compact(self) -> None:

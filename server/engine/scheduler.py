@@ -1,11 +1,13 @@
 """Admission under limits, the per-iteration prefill plan, and per-request runtime state.
 
-Life of a request: waiting -> prefilling (holds a row; its prompt is read in fixed segments of
-`prefill_chunk` tokens at absolute offsets 0, c, 2c, ..., so how a prompt is split never depends on
-the other requests) -> running (one row of the batched recurrent step) -> finished.
-Each iteration the scheduler admits waiting requests while rows are free, then picks prefill
-segments in arrival order until `prefill_budget` prompt tokens are planned (at least one segment,
-so a prompt longer than the budget still progresses, one segment per iteration).
+Life of a request: waiting -> prefilling (holds a row; its prompt is read in pieces that start and
+end at multiples of `prefill_chunk`, or at the prompt's end) -> running (one row of the batched
+recurrent step) -> finished.
+Each iteration the scheduler admits waiting requests while rows are free, then plans prompt pieces
+in arrival order under a token budget that adapts to the load: `prefill_budget` (large: a long
+prompt is read in few big chunkwise passes) while no row is decoding, `prefill_budget_decoding`
+(small: the running streams' inter-token latency stays bounded) while rows are. At least one
+`prefill_chunk` segment is read per iteration, so a prompt always progresses.
 """
 
 from __future__ import annotations
@@ -90,15 +92,18 @@ class Scheduler:
             self.prefilling.append(seq)
 
     def plan_prefill(self) -> list[tuple[Sequence, int, int]]:
-        """(sequence, start, end) prompt segments to read this iteration."""
+        """(sequence, start, end) prompt pieces to read this iteration."""
         plan: list[tuple[Sequence, int, int]] = []
-        budget = self.config.prefill_budget
-        c = self.config.prefill_chunk
+        cfg = self.config
+        budget = cfg.prefill_budget_decoding if self.running else cfg.prefill_budget
+        c = cfg.prefill_chunk
         for seq in self.prefilling:
-            start = seq.prefilled
-            end = min(seq.prompt_len, (start // c + 1) * c)
-            if plan and end - start > budget:
-                break
+            start = seq.prefilled  # a multiple of c
+            end = seq.prompt_len if seq.prompt_len - start <= budget else (start + budget) // c * c
+            if end <= start:  # less than a segment of budget left
+                if plan:
+                    break
+                end = min(seq.prompt_len, start + c)
             plan.append((seq, start, end))
             budget -= end - start
             if budget <= 0:

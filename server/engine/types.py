@@ -140,8 +140,33 @@ class EngineConfig:
     max_running: int = 64  # rows in the decode batch (prefilling requests count too)
     max_waiting: int = 256  # requests waiting for a row
     max_queued_prompt_tokens: int = 1 << 20  # unread prompt tokens over waiting + prefilling
-    prefill_chunk: int = 256  # a prompt is read in segments of this many tokens
-    prefill_budget: int = 256  # prompt tokens per iteration (at least one segment is read)
+    prefill_chunk: int = 64  # prompt reads start and end at multiples of this (or at the prompt's end)
+    prefill_budget: int = 1024  # prompt tokens per iteration while no row is decoding
+    prefill_budget_decoding: int = 64  # ... while rows are decoding (bounds their inter-token latency)
     chunk_size: int = 64  # the model's chunkwise block size
     keep_mask: KeepMaskFn | None = None
+    # torch intra-op threads of the engine thread (None: torch's default). For CPU speed, keep other
+    # threads (the event loop's) at 1: a second OpenMP team in the process slows every small op of
+    # the engine's team (a B=1 decode step went from 1.5 to 5 ms on a 2-core box).
+    num_threads: int | None = None
+    # torch.compile the decode step for these batch sizes (compiled at engine start; see decode.py)
+    compile: bool = False
+    compile_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     stats_history: int = 4096  # IterationStats kept
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_running",
+            "max_waiting",
+            "max_queued_prompt_tokens",
+            "prefill_chunk",
+            "prefill_budget",
+            "prefill_budget_decoding",
+            "chunk_size",
+            "stats_history",
+        ):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {v!r}")
+        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
+            raise ValueError(f"EngineConfig.num_threads must be None or >= 1, got {self.num_threads!r}")
