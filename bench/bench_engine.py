@@ -4,7 +4,8 @@ Prints, for the shipped `checkpoints/retserve-small` on this CPU:
   - aggregate completion tokens/s with 1, 8, 32, 64 concurrent greedy requests
   - inter-token latency p50/p99 of 8 running streams, without and while an 8k-token prompt is read
 
-Usage: python bench/bench_engine.py [--tokens 32] [--budget 64] [--idle-budget 1024] [--long 8192] [--threads N] [--compile]
+Usage: python bench/bench_engine.py [--tokens 32] [--budget 64] [--idle-budget 1024] [--long 8192]
+                                   [--threads N] [--compile]
 """
 
 from __future__ import annotations
