@@ -93,6 +93,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.stats: collections.deque[IterationStats] = collections.deque(maxlen=self.config.stats_history)
+        self.iterations = 0  # iterations run (stats keeps only the last stats_history)
         self._cond = threading.Condition()
         self._inbox: list[Sequence] = []
         self._aborts: list[str] = []
@@ -237,6 +238,7 @@ class Engine:
                     return
                 if runner.sched.has_work():
                     self.stats.append(runner.step())
+                    self.iterations += 1
                 self._flush()
         except BaseException as exc:  # keep the error; end every request rather than hang clients
             with self._cond:

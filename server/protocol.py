@@ -1,0 +1,127 @@
+"""HTTP protocol models (OpenAI-compatible JSON names), converted to engine types with `to_sampling_params()`.
+
+These are not engine types: the engine never sees them. Extensions to the OpenAI schema are
+documented in the README: `session_id`, `top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
+`ignore_eos`, `stop_token_ids`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from server.engine import EngineSamplingParams
+
+SessionId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.@+=~-]{1,128}$")]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # unknown fields are a 400 that names them
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class SamplingFields(StrictModel):
+    """Fields shared by completions, chat and session generation."""
+
+    model: str | None = None
+    max_tokens: StrictInt | None = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0, le=100)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: StrictInt = Field(1, ge=1, le=1)  # one choice per request (send several requests for more)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    seed: StrictInt | None = Field(None, ge=0, lt=2**63)
+    user: str | None = None
+    # extensions
+    session_id: SessionId | None = None
+    top_k: StrictInt = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0, le=100)
+    min_tokens: StrictInt = Field(0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[StrictInt] | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def to_sampling_params(
+        self,
+        max_tokens: int,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        extra_stop: tuple[str, ...] = (),
+    ) -> EngineSamplingParams:
+        """Engine parameters; `max_tokens` is the caller's resolved limit (request value or default)."""
+        bias = None
+        if self.logit_bias:
+            try:
+                bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except ValueError:
+                raise ValueError("logit_bias keys must be token ids (integers as strings)") from None
+        return EngineSamplingParams(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=self.seed,
+            logit_bias=bias,
+            max_tokens=max_tokens,
+            min_tokens=min(self.min_tokens, max_tokens),
+            stop=[*self.stop_list(), *extra_stop],
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+        )
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[StrictInt]  # text, or token ids
+    logprobs: StrictInt | None = Field(
+        None, ge=0, le=20
+    )  # report the chosen token and this many alternatives
+
+
+class ChatMessage(StrictModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+    name: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    max_completion_tokens: StrictInt | None = Field(None, ge=0)
+
+
+class SessionCreate(StrictModel):
+    session_id: SessionId | None = None  # your own name within your tenant; default: a random id
+    prompt: str | list[StrictInt] | None = None  # text (or token ids) to read into the new state
+    ttl_s: float | None = Field(None, gt=0, le=10 * 365 * 86400)
+
+
+class SessionPrime(StrictModel):
+    prompt: str | list[StrictInt]
+
+
+class SessionFork(StrictModel):
+    session_id: SessionId | None = None  # the copy's name; default: a random id
+
+
+class SessionGenerate(SamplingFields):
+    prompt: str | list[StrictInt]
+    logprobs: StrictInt | None = Field(None, ge=0, le=20)

@@ -1,0 +1,149 @@
+"""Shared by the completion-style routes: prompt checks, session-bound generations, SSE framing."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from server.engine import EngineSamplingParams, RequestOutput
+from server.errors import APIError
+from server.generation import Generation, SessionHandle, open_session
+from server.metrics import FINISH_REASONS
+from server.protocol import SamplingFields
+from server.runtime import Runtime
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def check_model(rt: Runtime, model: str | None) -> None:
+    if model is not None and model != rt.model_name:
+        raise APIError(
+            404,
+            f"model {model!r} is not served here; GET /v1/models lists {rt.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def encode_prompt(rt: Runtime, prompt: str | list[int], *, allow_empty: bool = False) -> list[int]:
+    if isinstance(prompt, str):
+        ids = rt.tokenizer.encode(prompt)
+    else:
+        ids = list(prompt)
+        bad = [t for t in ids if not 0 <= t < rt.model.config.vocab_size]
+        if bad:
+            raise APIError(
+                400,
+                f"prompt token ids must be in [0, {rt.model.config.vocab_size}); got {bad[0]}",
+                param="prompt",
+            )
+    if not ids and not allow_empty:
+        raise APIError(
+            400,
+            "the prompt is empty: send at least one token of text (a session's next token needs new input)",
+            param="prompt",
+        )
+    if len(ids) > rt.settings.max_prompt_tokens:
+        raise APIError(
+            400,
+            f"the prompt has {len(ids)} tokens; the limit is {rt.settings.max_prompt_tokens}"
+            " (prime a session in several requests for longer documents)",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    return ids
+
+
+def sampling_params(
+    rt: Runtime, body: SamplingFields, max_tokens: int | None, default_max: int, **kw
+) -> EngineSamplingParams:
+    limit = rt.settings.max_tokens_limit
+    if max_tokens is not None and max_tokens > limit:
+        raise APIError(
+            400, f"max_tokens is {max_tokens}; this server allows at most {limit}", param="max_tokens"
+        )
+    try:
+        params = body.to_sampling_params(min(default_max, limit) if max_tokens is None else max_tokens, **kw)
+        params.validate_engine(rt.model.config.vocab_size)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    return params
+
+
+async def start_generation(
+    rt: Runtime, tenant: str, session_id: str | None, ids: list[int], params: EngineSamplingParams
+) -> Generation:
+    session: SessionHandle | None = None
+    if session_id is not None:
+        session = await open_session(rt, tenant, session_id)
+        rt.metrics.sessions.labels(event="resumed").inc()
+    gen = Generation(rt, ids, params, session)
+    gen.start()
+    return gen
+
+
+def finish_reason(out: RequestOutput) -> str | None:
+    return FINISH_REASONS.get(out.finish_reason) if out.finish_reason else None
+
+
+def usage_json(out: RequestOutput) -> dict:
+    u = out.usage
+    p, c = (u.prompt_tokens, u.completion_tokens) if u else (0, 0)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def check_final(gen: Generation, out: RequestOutput) -> None:
+    """Non-streaming: errors the client must hear instead of a normal body."""
+    if out.finish_reason == "abort":
+        raise APIError(503, "the request was aborted (the server is shutting down); retry", code="aborted")
+    if gen.save_error is not None:
+        raise APIError(
+            gen.save_error.status,
+            f"the completion finished but the session state was not saved: {gen.save_error.message}",
+            code=gen.save_error.code,
+        )
+
+
+def sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def stream_response(
+    request: Request,
+    gen: Generation,
+    chunk: Callable[[RequestOutput], list[dict]],
+    usage_chunk: Callable[[RequestOutput], dict] | None,
+) -> StreamingResponse:
+    """SSE: `chunk(out)` for every delta, a usage chunk if asked, errors as error objects, then [DONE].
+
+    A client that disconnects aborts the engine request; the generation still saves its session.
+    """
+
+    async def events() -> AsyncIterator[str]:
+        finished = False
+        try:
+            async for out in gen.outputs():
+                for c in chunk(out):
+                    yield sse(c)
+                if out.finished:
+                    finished = True
+                    if out.finish_reason == "abort":
+                        yield sse(APIError(503, "the request was aborted (server shutting down)").body())
+                    elif gen.save_error is not None:
+                        yield sse(gen.save_error.body())
+                    if usage_chunk is not None:
+                        yield sse(usage_chunk(out))
+            yield sse("[DONE]")
+        finally:
+            if not finished:
+                gen.abort()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def now() -> int:
+    return int(time.time())

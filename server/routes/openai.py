@@ -1,0 +1,205 @@
+"""OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions."""
+
+from __future__ import annotations
+
+import secrets
+
+from fastapi import APIRouter, Request
+
+from server.chat import CHAT_STOP, render_chat
+from server.deps import RuntimeDep, TenantDep
+from server.engine import RequestOutput, TokenLogprob
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.routes.common import (
+    check_final,
+    check_model,
+    encode_prompt,
+    finish_reason,
+    now,
+    sampling_params,
+    start_generation,
+    stream_response,
+    usage_json,
+)
+from server.runtime import Runtime
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+@router.get("/models")
+async def list_models(rt: RuntimeDep, tenant: TenantDep) -> dict:
+    return {
+        "object": "list",
+        "data": [
+            {"id": rt.model_name, "object": "model", "created": int(rt.started_at), "owned_by": "retserve"}
+        ],
+    }
+
+
+def _tok_str(rt: Runtime, tid: int) -> str:
+    return rt.tokenizer.token_bytes(tid).decode("utf-8", errors="replace")
+
+
+def completion_logprobs(rt: Runtime, lps: list[TokenLogprob] | None, offset: int) -> dict | None:
+    if lps is None:
+        return None
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for lp in lps:
+        s = _tok_str(rt, lp.token_id)
+        tokens.append(s)
+        token_lps.append(lp.logprob)
+        tops.append({_tok_str(rt, t): v for t, v in lp.top})
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(rt: Runtime, lps: list[TokenLogprob] | None) -> dict | None:
+    if lps is None:
+        return None
+
+    def entry(tid: int, v: float) -> dict:
+        b = rt.tokenizer.token_bytes(tid)
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": v, "bytes": list(b)}
+
+    return {
+        "content": [
+            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in lps
+        ]
+    }
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep, tenant: TenantDep):
+    check_model(rt, body.model)
+    ids = encode_prompt(rt, body.prompt)
+    n_lp = body.logprobs
+    params = sampling_params(
+        rt,
+        body,
+        body.max_tokens,
+        rt.settings.default_max_tokens,
+        logprobs=n_lp is not None,
+        top_logprobs=n_lp or 0,
+    )
+    gen = await start_generation(rt, tenant, body.session_id, ids, params)
+    cid, created = "cmpl-" + secrets.token_hex(12), now()
+    base = {"id": cid, "object": "text_completion", "created": created, "model": rt.model_name}
+    if body.session_id:
+        base["session_id"] = body.session_id
+
+    if body.stream:
+        offset = 0
+
+        def chunk(out: RequestOutput) -> list[dict]:
+            nonlocal offset
+            if not out.text and not out.finished and not out.token_ids:
+                return []
+            choice = {
+                "text": out.text,
+                "index": 0,
+                "logprobs": completion_logprobs(rt, out.logprobs, offset),
+                "finish_reason": finish_reason(out) if out.finished else None,
+            }
+            offset += len(out.text)
+            return [{**base, "choices": [choice]}]
+
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        usage = (lambda out: {**base, "choices": [], "usage": usage_json(out)}) if include_usage else None
+        return stream_response(request, gen, chunk, usage)
+
+    res = await gen.result()
+    out = res.final
+    assert out is not None
+    check_final(gen, out)
+    lps = completion_logprobs(rt, res.logprobs, 0) if n_lp is not None else None
+    return {
+        **base,
+        "choices": [{"text": res.text, "index": 0, "logprobs": lps, "finish_reason": finish_reason(out)}],
+        "usage": usage_json(out),
+    }
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, rt: RuntimeDep, tenant: TenantDep):
+    check_model(rt, body.model)
+    ids = encode_prompt(rt, render_chat(body.messages))
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = sampling_params(
+        rt,
+        body,
+        max_tokens,
+        256,
+        logprobs=body.logprobs,
+        top_logprobs=body.top_logprobs or 0,
+        extra_stop=tuple(CHAT_STOP),
+    )
+    gen = await start_generation(rt, tenant, body.session_id, ids, params)
+    cid, created = "chatcmpl-" + secrets.token_hex(12), now()
+    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": rt.model_name}
+    if body.session_id:
+        base["session_id"] = body.session_id
+
+    if body.stream:
+        first = True
+
+        def chunk(out: RequestOutput) -> list[dict]:
+            nonlocal first
+            chunks = []
+            if first:
+                first = False
+                delta0 = {"role": "assistant", "content": ""}
+                chunks.append(
+                    {
+                        **base,
+                        "choices": [{"index": 0, "delta": delta0, "logprobs": None, "finish_reason": None}],
+                    }
+                )
+            if out.text or out.token_ids:
+                chunks.append(
+                    {
+                        **base,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "delta": {"content": out.text},
+                                "logprobs": chat_logprobs(rt, out.logprobs),
+                                "finish_reason": None,
+                            }
+                        ],
+                    }
+                )
+            if out.finished:
+                chunks.append(
+                    {
+                        **base,
+                        "choices": [
+                            {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason(out)}
+                        ],
+                    }
+                )
+            return chunks
+
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        usage = (lambda out: {**base, "choices": [], "usage": usage_json(out)}) if include_usage else None
+        return stream_response(request, gen, chunk, usage)
+
+    res = await gen.result()
+    out = res.final
+    assert out is not None
+    check_final(gen, out)
+    text = res.text
+    lps = chat_logprobs(rt, res.logprobs) if body.logprobs else None
+    return {
+        **base,
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": lps,
+                "finish_reason": finish_reason(out),
+            }
+        ],
+        "usage": usage_json(out),
+    }

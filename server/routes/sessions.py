@@ -1,0 +1,260 @@
+"""The sessions API: create (optionally primed), get, list, delete, prime, generate, fork, export, import.
+
+Sessions live in the caller's tenant namespace: another tenant's session is simply not found (404).
+Every operation that reads or writes a session's state holds its lease; a second concurrent one
+gets 409.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request, Response
+
+from server.deps import RuntimeDep, TenantDep
+from server.engine import EngineSamplingParams
+from server.errors import APIError
+from server.generation import (
+    Generation,
+    SessionHandle,
+    new_session_id,
+    open_session,
+    release,
+    save_state,
+    store_error,
+    take_lease,
+)
+from server.protocol import CompletionRequest, SessionCreate, SessionFork, SessionGenerate, SessionPrime
+from server.routes.common import check_final, encode_prompt
+from server.routes.openai import completions
+from server.runtime import Runtime
+from state_store import EntryInfo, Provenance, StateCodecError, StateStoreError, ValueTooLargeError
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+SidPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.@+=~-]{1,128}$", description="session id")]
+
+
+def session_json(rt: Runtime, info: EntryInfo) -> dict:
+    m = info.meta
+    return {
+        "id": info.session,
+        "object": "session",
+        "tokens": m.positions[0] if m.positions else 0,
+        "size_bytes": info.size,
+        "version": info.version,
+        "model": rt.model_name,
+        "fingerprint": m.fingerprint,
+        "dtype": m.dtype,
+        "created_at": m.created_at,
+        "updated_at": m.updated_at,
+        "expires_in": info.expires_in,
+        "provenance": m.provenance.to_json(),
+    }
+
+
+async def _info(rt: Runtime, tenant: str, sid: str) -> dict:
+    try:
+        info = await rt.sessions.info(tenant, sid)
+    except StateStoreError as e:
+        raise store_error(e, f"session {sid!r}") from None
+    if info is None:
+        raise APIError(404, f"session {sid!r} not found", code="session_not_found")
+    return session_json(rt, info)
+
+
+def _digest(ids: list[int]) -> str:
+    return "blake2b:" + hashlib.blake2b(repr(ids).encode(), digest_size=16).hexdigest()
+
+
+async def _read(rt: Runtime, h: SessionHandle, ids: list[int], create: bool) -> None:
+    """Read `ids` into the session's state (max_tokens=0) and save it; releases the lease."""
+    gen = Generation(rt, ids, EngineSamplingParams(temperature=0, max_tokens=0), h, create=create)
+    gen.start()
+    res = await gen.result()
+    assert res.final is not None
+    check_final(gen, res.final)
+
+
+@router.post("", status_code=201)
+async def create_session(body: SessionCreate, rt: RuntimeDep, tenant: TenantDep) -> dict:
+    sid = body.session_id or new_session_id()
+    ids = encode_prompt(rt, body.prompt) if body.prompt is not None else []
+    h = await open_session(rt, tenant, sid, must_exist=False)
+    if h.loaded is not None:
+        await release(rt, h.lease)
+        raise APIError(
+            409,
+            f"session {sid!r} already exists; delete it first or pick another id",
+            param="session_id",
+            code="session_exists",
+        )
+    if ids:
+        h.provenance = Provenance(primed_from=_digest(ids))
+        await _read(rt, h, ids, create=True)
+        rt.metrics.sessions.labels(event="primed").inc()
+    else:
+        try:
+            await save_state(rt, h, rt.model.empty_state(1), create=True)
+        finally:
+            await release(rt, h.lease)
+    rt.metrics.sessions.labels(event="created").inc()
+    return await _info(rt, tenant, sid)
+
+
+@router.get("")
+async def list_sessions(
+    rt: RuntimeDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=4096)] = None,
+) -> dict:
+    try:
+        page = await rt.store.list(tenant, cursor=cursor, limit=limit)
+        data = []
+        for sid in page.sessions:
+            info = await rt.sessions.info(tenant, sid)
+            if info is not None:  # expired between the scan and now
+                data.append(session_json(rt, info))
+    except StateStoreError as e:
+        if isinstance(e, ValueError):
+            raise APIError(400, f"cursor: {e}", param="cursor") from None
+        raise store_error(e, "listing sessions") from None
+    return {"object": "list", "data": data, "next_cursor": page.cursor, "has_more": page.cursor is not None}
+
+
+@router.get("/{session_id}")
+async def get_session(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep) -> dict:
+    return await _info(rt, tenant, session_id)
+
+
+@router.delete("/{session_id}")
+async def delete_session(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep) -> dict:
+    h = await open_session(rt, tenant, session_id)
+    try:
+        await rt.store.delete(tenant, session_id, lease=h.lease)
+    except StateStoreError as e:
+        raise store_error(e, f"deleting session {session_id!r}") from None
+    finally:
+        await release(rt, h.lease)
+    rt.metrics.sessions.labels(event="deleted").inc()
+    return {"id": session_id, "object": "session.deleted", "deleted": True}
+
+
+@router.post("/{session_id}/prime")
+async def prime_session(session_id: SidPath, body: SessionPrime, rt: RuntimeDep, tenant: TenantDep) -> dict:
+    ids = encode_prompt(rt, body.prompt)
+    h = await open_session(rt, tenant, session_id)
+    await _read(rt, h, ids, create=False)
+    rt.metrics.sessions.labels(event="primed").inc()
+    return await _info(rt, tenant, session_id)
+
+
+@router.post("/{session_id}/generate")
+async def generate(
+    session_id: SidPath, body: SessionGenerate, request: Request, rt: RuntimeDep, tenant: TenantDep
+):
+    """A completion (OpenAI completions format, streaming or not) continuing the session."""
+    if body.session_id is not None and body.session_id != session_id:
+        raise APIError(400, "session_id in the body differs from the one in the path", param="session_id")
+    fields = body.model_dump(exclude_unset=True)
+    fields["session_id"] = session_id
+    return await completions(CompletionRequest(**fields), request, rt, tenant)
+
+
+@router.post("/{session_id}/fork", status_code=201)
+async def fork_session(
+    session_id: SidPath, rt: RuntimeDep, tenant: TenantDep, body: SessionFork | None = None
+) -> dict:
+    new_id = (body.session_id if body else None) or new_session_id()
+    if new_id == session_id:
+        raise APIError(400, "a fork needs a different session_id than its source", param="session_id")
+    h = await open_session(rt, tenant, session_id)
+    try:
+        assert h.loaded is not None
+        state = h.loaded.state
+        meta = h.loaded.meta
+        prov = Provenance(
+            primed_from=meta.provenance.primed_from,
+            merged_from=meta.provenance.merged_from,
+            token_dropping=meta.provenance.token_dropping,
+        )
+        try:
+            await rt.sessions.save(
+                tenant, new_id, state, provenance=prov, ttl=rt.settings.session_ttl_s, expected_version=0
+            )
+        except StateStoreError as e:
+            raise store_error(e, f"forking into {new_id!r}") from None
+    finally:
+        await release(rt, h.lease)
+    rt.metrics.sessions.labels(event="forked").inc()
+    return await _info(rt, tenant, new_id)
+
+
+@router.get("/{session_id}/state")
+async def export_state(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep) -> Response:
+    lease = await take_lease(rt, tenant, session_id)
+    try:
+        stored = await rt.store.get(tenant, session_id)
+    except StateStoreError as e:
+        raise store_error(e, f"exporting session {session_id!r}") from None
+    finally:
+        await release(rt, lease)
+    if stored is None:
+        raise APIError(404, f"session {session_id!r} not found", code="session_not_found")
+    rt.metrics.sessions.labels(event="exported").inc()
+    rt.metrics.state_bytes.observe(len(stored.data))
+    return Response(
+        stored.data,
+        media_type="application/octet-stream",
+        headers={
+            "Content-Disposition": f'attachment; filename="{session_id}.rstate"',
+            "X-Retserve-Session-Version": str(stored.info.version),
+            "X-Retserve-Fingerprint": stored.info.meta.fingerprint,
+        },
+    )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(
+            413, f"the state blob is {declared} bytes; the limit is {limit} (RETSERVE_MAX_STATE_BYTES)"
+        )
+    chunks, n = [], 0
+    async for part in request.stream():
+        n += len(part)
+        if n > limit:
+            raise APIError(
+                413, f"the state blob exceeds the limit of {limit} bytes (RETSERVE_MAX_STATE_BYTES)"
+            )
+        chunks.append(part)
+    return b"".join(chunks)
+
+
+@router.put("/{session_id}/state")
+async def import_state(session_id: SidPath, request: Request, rt: RuntimeDep, tenant: TenantDep) -> dict:
+    """Import a blob exported by GET .../state (any server of the same checkpoint); fully validated."""
+    data = await _read_body(request, rt.settings.max_state_bytes)
+    if not data:
+        raise APIError(400, "empty body: send the bytes of an exported state (application/octet-stream)")
+    try:
+        decoded = rt.sessions.codec.decode(data)
+    except StateCodecError as e:
+        raise APIError(400, f"not a valid state for this model: {e}", code="invalid_state") from None
+    if decoded.meta.batch_size != 1:
+        raise APIError(
+            400, f"a session state has one row; this blob has {decoded.meta.batch_size}", code="invalid_state"
+        )
+    lease = await take_lease(rt, tenant, session_id)
+    try:
+        await rt.store.put(tenant, session_id, bytes(data), ttl=rt.settings.session_ttl_s, lease=lease)
+    except ValueTooLargeError as e:
+        raise APIError(413, f"the state store refuses this blob: {e}") from None
+    except StateStoreError as e:
+        raise store_error(e, f"importing session {session_id!r}") from None
+    finally:
+        await release(rt, lease)
+    rt.metrics.sessions.labels(event="imported").inc()
+    rt.metrics.state_bytes.observe(len(data))
+    return await _info(rt, tenant, session_id)

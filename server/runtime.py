@@ -1,0 +1,156 @@
+"""The heavy things the app holds: model, tokenizer, engine, store, codec, metrics (built in lifespan)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from model.checkpoint import from_pretrained, load_tokenizer
+from model.retnet import RetNet
+from model.tokenizer import Tokenizer
+from server.engine import Engine, EngineConfig, EngineRequest, EngineSamplingParams
+from server.metrics import ServerMetrics
+from server.ratelimit import RateLimiter
+from server.settings import Settings
+from state_store import (
+    MemoryStateStore,
+    RedisStateStore,
+    SessionStates,
+    StateCodec,
+    StateStore,
+    StoreMetrics,
+    model_fingerprint,
+)
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class StartupError(RuntimeError):
+    """The server cannot start with these settings (the message says which one to fix)."""
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(setting)
+    except RuntimeError as e:
+        raise StartupError(f"RETSERVE_DEVICE={setting!r} is not a device: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StartupError(f"RETSERVE_DEVICE={setting!r} but CUDA is not available; use cpu or auto")
+    return dev
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[setting]
+
+
+def make_store(settings: Settings, metrics: StoreMetrics) -> StateStore:
+    url = settings.store_url
+    if url.startswith("memory://"):
+        return MemoryStateStore(settings.store_memory_bytes, metrics=metrics)
+    cluster = "+cluster://" in url
+    if cluster:
+        url = url.replace("+cluster://", "://", 1)
+    return RedisStateStore.from_url(
+        url, cluster=cluster, metrics=metrics, socket_timeout=2.0, connect_timeout=1.0
+    )
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    model: RetNet
+    tokenizer: Tokenizer
+    fingerprint: str
+    engine: Engine
+    store: StateStore
+    sessions: SessionStates
+    metrics: ServerMetrics
+    limiter: RateLimiter
+    device: torch.device
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.served_model_name
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.engine.shutdown)
+        await self.store.close()
+
+
+def load_model(settings: Settings) -> tuple[RetNet, Tokenizer, str, torch.device]:
+    if not (settings.model_path / "config.json").is_file():
+        raise StartupError(
+            f"RETSERVE_MODEL_PATH={settings.model_path} has no config.json: point it at a model directory"
+            " (the shipped one is checkpoints/retserve-small)"
+        )
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    model = from_pretrained(settings.model_path).eval()  # float32 on CPU: the fingerprint's reference
+    fingerprint = model_fingerprint(model)  # the same on every server of this checkpoint, any dtype
+    model = model.to(device=device, dtype=dtype).eval()
+    tokenizer = load_tokenizer(settings.model_path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise StartupError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
+        )
+    return model, tokenizer, fingerprint, device
+
+
+async def start_runtime(settings: Settings) -> Runtime:
+    threads = settings.num_threads or torch.get_num_threads()
+    torch.set_num_threads(1)  # this (event loop) thread; the engine thread gets `threads` (see EngineConfig)
+    model, tokenizer, fingerprint, device = await asyncio.to_thread(load_model, settings)
+    store_metrics = StoreMetrics()
+    store = make_store(settings, store_metrics)
+    engine = Engine(
+        model,
+        tokenizer,
+        EngineConfig(
+            max_running=settings.max_running,
+            max_waiting=settings.max_waiting,
+            max_queued_prompt_tokens=settings.max_queued_prompt_tokens,
+            num_threads=threads if device.type == "cpu" else None,
+            compile=settings.compile,
+        ),
+    )
+    metrics = ServerMetrics(store_metrics, lambda: engine)
+    rt = Runtime(
+        settings=settings,
+        model=model,
+        tokenizer=tokenizer,
+        fingerprint=fingerprint,
+        engine=engine,
+        store=store,
+        sessions=SessionStates(store, StateCodec(model.config, fingerprint)),
+        metrics=metrics,
+        limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
+        device=device,
+    )
+    # warm-up: one short request through the whole engine path
+    ids = tokenizer.encode("Hello")
+    await engine.submit(EngineRequest(ids, EngineSamplingParams(temperature=0, max_tokens=2))).collect()
+    try:
+        await store.ping()
+    except Exception as e:  # the server still starts: stateless completions work; /ready says why
+        log.warning("state store not reachable at startup: %s", e)
+    log.info(
+        "retserve ready: model %s (%s params, %s, %s), store %s, fingerprint %s",
+        settings.served_model_name,
+        f"{model.num_parameters():,}",
+        device,
+        str(model.dtype).removeprefix("torch."),
+        settings.store_url.split("@")[-1],
+        fingerprint,
+    )
+    return rt
