@@ -1,0 +1,155 @@
+"""HTTP benchmark (not a test): the server's overhead over the raw engine, concurrency, and primed sessions.
+
+Prints, for the shipped model on this machine:
+  - single-stream tokens/s through HTTP/SSE vs the raw engine in-process (goal >= 0.85)
+  - aggregate tokens/s at 32 concurrent HTTP streams vs 1 (goal >= 8x)
+  - time to first token continuing a session primed with 8k tokens (state loaded from Redis) vs
+    sending the 8k tokens again (goal <= 1/20)
+
+Usage: python bench/bench_http.py [--tokens 256] [--threads 2] [--store redis://127.0.0.1:6379/0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model.checkpoint import from_pretrained, load_tokenizer  # noqa: E402
+from server.engine import Engine, EngineConfig, EngineRequest, EngineSamplingParams  # noqa: E402
+from tests.server_support import run_server  # noqa: E402
+
+PROMPT = "The quick brown fox jumps over the lazy dog and"
+
+
+async def raw_engine(tokens: int, threads: int) -> float:
+    torch.set_num_threads(1)
+    ckpt = ROOT / "checkpoints/retserve-small"
+    model, tok = from_pretrained(ckpt).eval(), load_tokenizer(ckpt)
+    eng = Engine(model, tok, EngineConfig(num_threads=threads))
+    try:
+        p = EngineSamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+        ids = tok.encode(PROMPT)
+        await eng.submit(EngineRequest(ids, p)).collect()
+        rates = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            got, _, _ = await eng.submit(EngineRequest(ids, p)).collect()
+            rates.append(len(got) / (time.perf_counter() - t0))
+        return statistics.median(rates)
+    finally:
+        eng.shutdown()
+
+
+async def stream_one(client: httpx.AsyncClient, body: dict) -> tuple[int, float, float]:
+    """(completion tokens, seconds to the first token, total seconds) of one SSE completion."""
+    t0 = time.perf_counter()
+    ttft = None
+    n = 0
+    async with client.stream(
+        "POST", "/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+    ) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            if chunk["choices"] and ttft is None:
+                ttft = time.perf_counter() - t0
+            if chunk.get("usage"):
+                n = chunk["usage"]["completion_tokens"]
+    return n, ttft or 0.0, time.perf_counter() - t0
+
+
+async def http_figures(url: str, tokens: int, long_len: int) -> dict:
+    out: dict = {}
+    body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=100)) as c:
+        await stream_one(c, body)
+        rates = []
+        for _ in range(3):
+            n, _, dt = await stream_one(c, body)
+            rates.append(n / dt)
+        out["single"] = statistics.median(rates)
+        short = {**body, "max_tokens": 32}
+        for conc in (1, 32):
+            t0 = time.perf_counter()
+            res = await asyncio.gather(*(stream_one(c, short) for _ in range(conc)))
+            out[f"conc{conc}"] = sum(n for n, _, _ in res) / (time.perf_counter() - t0)
+        # primed session vs re-sending the document
+        words = (PROMPT + " ") * (long_len // 8)
+        r = await c.post("/v1/completions", json={"prompt": words, "max_tokens": 0})
+        r.raise_for_status()
+        n_doc = r.json()["usage"]["prompt_tokens"]
+        sid = "bench-" + uuid.uuid4().hex
+        r = await c.post("/v1/sessions", json={"session_id": sid, "prompt": words})
+        r.raise_for_status()
+        out["primed_tokens"] = r.json()["tokens"]
+        q = " And then"
+        resend, resume = [], []
+        for _ in range(3):
+            _, ttft, _ = await stream_one(c, {"prompt": words + q, "max_tokens": 1, "temperature": 0})
+            resend.append(ttft)
+            fork = (await c.post(f"/v1/sessions/{sid}/fork", json={})).json()["id"]
+            _, ttft, _ = await stream_one(
+                c, {"prompt": q, "max_tokens": 1, "temperature": 0, "session_id": fork}
+            )
+            resume.append(ttft)
+            await c.delete(f"/v1/sessions/{fork}")
+        await c.delete(f"/v1/sessions/{sid}")
+        out["doc_tokens"] = n_doc
+        out["ttft_resend"] = statistics.median(resend)
+        out["ttft_resume"] = statistics.median(resume)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--store", default="redis://127.0.0.1:6379/0")
+    ap.add_argument("--long", type=int, default=8192)
+    args = ap.parse_args()
+    raw = asyncio.run(raw_engine(args.tokens, args.threads))
+    env = {
+        "RETSERVE_STORE_URL": args.store,
+        "RETSERVE_NUM_THREADS": str(args.threads),
+        "RETSERVE_MAX_TOKENS_LIMIT": str(max(4096, args.tokens)),
+    }
+    with run_server(env) as url:
+        f = asyncio.run(http_figures(url, args.tokens, args.long))
+    print(
+        f"retserve HTTP benchmark, torch {torch.__version__}, engine threads {args.threads},"
+        f" store {args.store}"
+    )
+    print(
+        f"  single stream: raw engine {raw:7.1f} tok/s, HTTP/SSE {f['single']:7.1f} tok/s"
+        f"  (ratio {f['single'] / raw:.2f}, goal >= 0.85)"
+    )
+    print(
+        f"  32 concurrent HTTP streams: {f['conc32']:7.1f} tok/s vs 1: {f['conc1']:7.1f}"
+        f"  ({f['conc32'] / f['conc1']:.1f}x, goal >= 8x)"
+    )
+    print(
+        f"  {f['doc_tokens']}-token document: TTFT re-sending it {f['ttft_resend'] * 1e3:7.1f} ms,"
+        f" continuing the primed session ({f['primed_tokens']} tokens, state from the store)"
+        f" {f['ttft_resume'] * 1e3:6.1f} ms"
+        f"  (ratio 1/{f['ttft_resend'] / f['ttft_resume']:.0f}, goal <= 1/20)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Server pieces without a subprocess: settings, rate limiter, chat template, protocol conversion, and
+the app in-process (TestClient, with a dependency override for the tenant)."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from server.app import create_app
+from server.chat import CHAT_STOP, render_chat
+from server.deps import get_tenant
+from server.protocol import ChatMessage, CompletionRequest
+from server.ratelimit import RateLimiter
+from server.settings import Settings
+
+
+def test_settings_from_env_and_validation(monkeypatch):
+    monkeypatch.setenv("RETSERVE_API_KEYS", '{"secret-key-1": "alice"}')
+    monkeypatch.setenv("RETSERVE_PORT", "9123")
+    s = Settings()
+    assert s.api_keys == {"secret-key-1": "alice"} and s.port == 9123 and s.auth_enabled
+    assert s.served_model_name == "retserve-small"
+    with pytest.raises(ValidationError, match="store_url"):
+        Settings(store_url="mysql://x")
+    with pytest.raises(ValidationError, match="at least 8"):
+        Settings(api_keys={"short": "t"})
+    with pytest.raises(ValidationError, match="tenant"):
+        Settings(api_keys={"long-enough-key": "bad tenant!"})
+
+
+def test_token_bucket():
+    now = [0.0]
+    rl = RateLimiter(rate=2.0, burst=3, clock=lambda: now[0])
+    assert [rl.take("k") for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = rl.take("k")
+    assert wait == pytest.approx(0.5)
+    assert RateLimiter.retry_after(wait) == "1"
+    assert rl.take("other") == 0.0  # buckets are per key
+    now[0] += 0.5
+    assert rl.take("k") == 0.0
+    assert RateLimiter(rate=0, burst=1).take("k") == 0.0  # off
+
+
+def test_chat_template():
+    msgs = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content=" Hi ")]
+    assert render_chat(msgs) == "System: Be brief.\n\nUser: Hi\n\nAssistant:"
+    assert "\nUser:" in CHAT_STOP
+
+
+def test_protocol_to_sampling_params():
+    req = CompletionRequest(
+        prompt="x",
+        temperature=0.5,
+        top_k=5,
+        stop="END",
+        logit_bias={"7": -100},
+        stop_token_ids=[3],
+        min_tokens=9,
+    )
+    p = req.to_sampling_params(4, logprobs=True, top_logprobs=2, extra_stop=("\nUser:",))
+    assert (p.temperature, p.top_k, p.max_tokens, p.min_tokens) == (0.5, 5, 4, 4)  # min_tokens <= max_tokens
+    assert p.stop == ["END", "\nUser:"] and p.logit_bias == {7: -100.0} and p.stop_token_ids == [3]
+    assert p.logprobs and p.top_logprobs == 2
+    with pytest.raises(ValueError, match="logit_bias"):
+        CompletionRequest(prompt="x", logit_bias={"a": 1}).to_sampling_params(1)
+    with pytest.raises(ValidationError):
+        CompletionRequest(prompt="x", bogus=1)
+
+
+def test_app_in_process_with_dependency_override():
+    app = create_app(Settings(api_keys={"secret-key-1": "alice"}, num_threads=1))
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        app.dependency_overrides[get_tenant] = lambda: "tester"
+        r = client.post("/v1/sessions", json={"session_id": "mine", "prompt": "Hello"})
+        assert r.status_code == 201, r.text
+        assert r.json()["tokens"] == len(app.state.runtime.tokenizer.encode("Hello"))
+        r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2, "model": "nope"})
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+        assert client.get("/ready").json()["status"] == "ready"
