@@ -6,9 +6,8 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
-from starlette.responses import Response
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import APIError, install_handlers
 from server.routes import openai, ops, sessions
@@ -18,29 +17,52 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 
-class BodyLimit(BaseHTTPMiddleware):
-    """413 for JSON bodies over `max_body_bytes` (state uploads have their own, larger limit)."""
+class BodyLimit:
+    """413 for request bodies over `max_bytes` (pure ASGI, so streaming and disconnects pass through).
 
-    def __init__(self, app, max_bytes: int) -> None:
-        super().__init__(app)
+    State uploads (`PUT .../state`) are bounded by their own, larger limit in their route.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
         self.max_bytes = max_bytes
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        if request.method in ("POST", "PUT", "PATCH") and not request.url.path.endswith("/state"):
-            n = request.headers.get("content-length")
-            if n is not None and (not n.isdigit() or int(n) > self.max_bytes):
-                limit = f"the limit of {self.max_bytes} (RETSERVE_MAX_BODY_BYTES)"
-                return APIError(413, f"request body of {n} bytes exceeds {limit}").response()
-            if n is None:  # chunked: read it here, bounded
-                body = b""
-                async for part in request.stream():
-                    body += part
-                    if len(body) > self.max_bytes:
-                        return APIError(
-                            413, f"request body exceeds the limit of {self.max_bytes} bytes"
-                        ).response()
-                request._body = body  # starlette reuses it for the endpoint
-        return await call_next(request)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] not in ("POST", "PUT", "PATCH")
+            or scope["path"].endswith("/state")
+        ):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        n = headers.get(b"content-length")
+        limit = f"the limit of {self.max_bytes} bytes (RETSERVE_MAX_BODY_BYTES)"
+        if n is not None:
+            if not n.isdigit() or int(n) > self.max_bytes:
+                return await APIError(
+                    413, f"request body of {n.decode(errors='replace')} bytes exceeds {limit}"
+                ).response()(scope, receive, send)
+            return await self.app(scope, receive, send)
+        body = b""  # chunked: read it here, bounded, then replay it to the app
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return None
+            body += msg.get("body", b"")
+            if len(body) > self.max_bytes:
+                return await APIError(413, f"request body exceeds {limit}").response()(scope, receive, send)
+            if not msg.get("more_body", False):
+                break
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

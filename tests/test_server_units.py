@@ -82,3 +82,29 @@ def test_app_in_process_with_dependency_override():
         r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2, "model": "nope"})
         assert r.status_code == 404 and r.json()["error"]["param"] == "model"
         assert client.get("/ready").json()["status"] == "ready"
+
+
+def test_body_limit_declared_and_chunked():
+    app = create_app(Settings(max_body_bytes=2048, num_threads=1))
+    with TestClient(app) as client:
+        big = {"prompt": "x" * 5000, "max_tokens": 1}
+        r = client.post("/v1/completions", json=big)
+        assert r.status_code == 413 and "RETSERVE_MAX_BODY_BYTES" in r.json()["error"]["message"]
+
+        def chunks(data: bytes):
+            for i in range(0, len(data), 1000):
+                yield data[i : i + 1000]
+
+        import json
+
+        r = client.post(
+            "/v1/completions",
+            content=chunks(json.dumps(big).encode()),
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 413
+        small = json.dumps({"prompt": "Hello", "max_tokens": 1}).encode()
+        r = client.post(
+            "/v1/completions", content=chunks(small), headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 200, r.text
