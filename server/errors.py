@@ -61,12 +61,13 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, param = [], None
     for err in exc.errors()[:5]:
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid":  # loc holds the character position, not a field
+            where = f" (at character {loc[0]})" if loc else ""
+            parts.append(f"the request body is not valid JSON{where}")
+            continue
         where = ".".join(loc) or "body"
         param = param or where
-        msg = err.get("msg", "invalid value")
-        if err.get("type") == "json_invalid":
-            msg = "the request body is not valid JSON"
-        parts.append(f"{where}: {msg}")
+        parts.append(f"{where}: {err.get('msg', 'invalid value')}")
     return "; ".join(parts) or "invalid request", param
 
 

@@ -39,6 +39,23 @@ class DecodeStep:
         self.model = model
         self.buckets = tuple(sorted(set(buckets))) if compile else ()
         self._fn = torch.compile(self._eager, dynamic=False) if compile else None
+        if compile:
+            # one graph per bucket; dynamo's default limit (8 per function) would silently fall back
+            # to eager once exceeded
+            cfg = torch._dynamo.config
+            cfg.recompile_limit = max(cfg.recompile_limit, len(self.buckets) + 8)
+
+    @classmethod
+    def shared(cls, model: RetNet, compile: bool, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> DecodeStep:
+        """One compiled step per model and bucket set: engines on the same model reuse its graphs
+        (dynamo guards on `self`, so a new instance would compile every bucket again)."""
+        if not compile:
+            return cls(model)
+        per_model: dict[tuple[int, ...], DecodeStep] = model.__dict__.setdefault("_retserve_decode_steps", {})
+        key = tuple(sorted(set(buckets)))
+        if key not in per_model:
+            per_model[key] = cls(model, True, key)
+        return per_model[key]
 
     def _eager(self, tokens: Tensor, layers: list[Tensor], position: Tensor):
         logits, st = self.model(

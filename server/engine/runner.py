@@ -51,7 +51,7 @@ class Runner:
         self.tokenizer = tokenizer
         self.config = config
         self.sched = Scheduler(config)
-        self.decode_step = DecodeStep(model, config.compile, config.compile_buckets)
+        self.decode_step = DecodeStep.shared(model, config.compile, config.compile_buckets)
         self.batch_state: RetentionState | None = None  # rows = sched.running
         self.vocab = model.config.vocab_size
         self.eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_id
