@@ -118,7 +118,7 @@ class SamplingParams:
             f"temperature must be a finite number >= 0, got {t!r}",
         )
         k = self.top_k
-        need(_is_int(k) and k >= 0, f"top_k must be an integer >= 0 (0 = off), got {k!r}")
+        need(_is_int(k) and 0 <= k < 2**31, f"top_k must be an integer in [0, 2**31) (0 = off), got {k!r}")
         p = self.top_p
         need(_is_real(p) and 0 < p <= 1, f"top_p must be in (0, 1], got {p!r}")
         m = self.min_p

@@ -71,21 +71,28 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request", param
 
 
+def _respond(request: Request, err: APIError) -> JSONResponse:
+    rt = getattr(request.app.state, "runtime", None)
+    if rt is not None:
+        rt.metrics.http_errors.labels(status=str(err.status)).inc()
+    return err.response()
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+        return _respond(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         msg, param = validation_message(exc)
-        return APIError(400, msg, param=param, code="invalid_request").response()
+        return _respond(request, APIError(400, msg, param=param, code="invalid_request"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})).response()
+        return _respond(request, APIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return APIError(500, "internal server error (logged); please report it").response()
+        return _respond(request, APIError(500, "internal server error (logged); please report it"))

@@ -42,7 +42,7 @@ class SamplingFields(StrictModel):
     user: str | None = None
     # extensions
     session_id: SessionId | None = None
-    top_k: StrictInt = Field(0, ge=0)
+    top_k: StrictInt = Field(0, ge=0, lt=2**31)
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0, le=100)
     min_tokens: StrictInt = Field(0, ge=0)

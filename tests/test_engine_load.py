@@ -242,3 +242,18 @@ def test_prefill_budget_adapts_to_decoding_rows():
     assert [(x is a, st, e) for x, st, e in s.plan_prefill()] == [(True, 0, 16)]
     with pytest.raises(ValueError, match="prefill_budget_decoding"):
         EngineConfig(prefill_budget_decoding=0)
+
+
+def test_unusable_sampling_params_are_refused_at_submit_and_the_engine_lives_on():
+    async def main():
+        eng = Engine(model(), tok())
+        try:
+            with pytest.raises(ValueError, match="top_k"):
+                eng.submit(EngineRequest([1, 2], EngineSamplingParams(top_k=2**64, max_tokens=1)))
+            ids, _, out = await eng.submit(EngineRequest([1, 2], greedy(2))).collect()
+            return ids, out, eng.alive
+        finally:
+            eng.shutdown()
+
+    ids, out, alive = asyncio.run(main())
+    assert alive and len(ids) == 2 and out.finish_reason in ("length", "eos")

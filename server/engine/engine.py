@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 import torch
 
 from model.retnet import RetNet
-from model.sampling import count_tokens
+from model.sampling import SamplingTensors, count_tokens
 from model.tokenizer import Tokenizer
 from server.engine.detokenizer import Detokenizer
 from server.engine.runner import Runner
@@ -118,6 +118,10 @@ class Engine:
     def submit(self, request: EngineRequest) -> RequestStream:
         params = request.params
         params.validate_engine(self.model.config.vocab_size)
+        try:  # build this request's sampling row now: a failure here is the caller's 400, not the engine's
+            SamplingTensors.from_params([params], self.model.config.vocab_size, generators=[None])
+        except (ValueError, RuntimeError, OverflowError, TypeError) as e:
+            raise ValueError(f"these sampling parameters cannot be used: {e}") from None
         n = len(request.prompt_ids)
         if n == 0:
             raise ValueError("a request needs at least one prompt token")
@@ -183,12 +187,17 @@ class Engine:
         return self._thread.is_alive()
 
     def load(self) -> dict[str, int]:
-        """Requests in the engine, unread prompt tokens, and rows of the last iteration."""
+        """Requests in the engine, unread prompt tokens, and rows held now (decoding or prefilling).
+
+        `rows` is read without stopping the engine thread (list lengths), so it can be one
+        iteration stale; `requests - rows` are waiting for a row.
+        """
+        sched = self._runner.sched
         with self._cond:
             return {
                 "requests": self._in_engine,
                 "queued_prompt_tokens": self._queued_tokens,
-                "rows": self.stats[-1].decode_rows if self.stats else 0,
+                "rows": min(self._in_engine, len(sched.running) + len(sched.prefilling)),
             }
 
     # ---- engine thread -------------------------------------------------------------------------
