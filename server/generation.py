@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -230,6 +231,24 @@ class Generation:
                 return
             yield out
 
+    async def merged_outputs(self) -> AsyncIterator[RequestOutput]:
+        """Like `outputs`, but deltas already waiting are merged into one (fewer, larger SSE chunks
+        when the client or the event loop falls behind the engine)."""
+        while True:
+            out = await self._queue.get()
+            if out is None:
+                return
+            done = False
+            while not out.finished and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if nxt is None:
+                    done = True
+                    break
+                out = merge_outputs(out, nxt)
+            yield out
+            if done:
+                return
+
     async def result(self) -> Collected:
         """Wait for the whole completion (non-streaming responses)."""
         c = Collected()
@@ -242,6 +261,12 @@ class Generation:
         if c.final is None:  # pragma: no cover - the engine ends every request with a finished output
             raise APIError(503, "the engine stopped before finishing the request; retry")
         return c
+
+
+def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """One delta covering `a` then `b` (b may be the finished one)."""
+    lps = None if a.logprobs is None and b.logprobs is None else [*(a.logprobs or []), *(b.logprobs or [])]
+    return dataclasses.replace(b, token_ids=a.token_ids + b.token_ids, text=a.text + b.text, logprobs=lps)
 
 
 @dataclass

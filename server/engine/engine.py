@@ -105,7 +105,7 @@ class Engine:
         # loop and iteration instead of one per output
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         self.error: BaseException | None = None
-        self._runner = Runner(model, tokenizer, self.config, self._prompt_read, self._finished)
+        self._runner = Runner(model, tokenizer, self.config, self._prompt_read, self._finished, self._flush)
         self._thread = threading.Thread(target=self._loop, name="retserve-engine", daemon=True)
         if start:
             self._thread.start()

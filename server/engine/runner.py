@@ -46,6 +46,7 @@ class Runner:
         config: EngineConfig,
         on_prompt_read: Callable[[int], None] = lambda n: None,
         on_finished: Callable[[Sequence], None] = lambda s: None,
+        after_prefill: Callable[[], None] = lambda: None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -59,6 +60,7 @@ class Runner:
         self._st: SamplingTensors | None = None
         self.on_prompt_read = on_prompt_read
         self.on_finished = on_finished
+        self.after_prefill = after_prefill  # deliver first tokens now, not after the decode step
 
     # ---- one iteration -------------------------------------------------------------------------
     @torch.no_grad()
@@ -69,6 +71,7 @@ class Runner:
         n_prefill = sum(e - s for _, s, e in plan)
         if plan:
             self._prefill(plan)
+            self.after_prefill()
         t1 = time.perf_counter()
         rows = len(self.sched.running)
         if rows:

@@ -151,7 +151,7 @@ class EngineConfig:
     num_threads: int | None = None
     # torch.compile the decode step for these batch sizes (compiled at engine start; see decode.py)
     compile: bool = False
-    compile_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    compile_buckets: tuple[int, ...] = (1, 2, 4, 8)  # larger batches run eagerly (decode.py)
     stats_history: int = 4096  # IterationStats kept
 
     def __post_init__(self) -> None:

@@ -126,7 +126,7 @@ def stream_response(
     async def events() -> AsyncIterator[str]:
         finished = False
         try:
-            async for out in gen.outputs():
+            async for out in gen.merged_outputs():
                 for c in chunk(out):
                     yield sse(c)
                 if out.finished:
