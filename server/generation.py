@@ -165,11 +165,21 @@ class Generation:
                 raise APIError(400, str(e)) from None
         except APIError:
             if self.session is not None:
-                asyncio.get_running_loop().create_task(release(self.rt, self.session.lease))
+                self._track(asyncio.get_running_loop().create_task(release(self.rt, self.session.lease)))
             raise
-        self._task = asyncio.get_running_loop().create_task(self._run(stream))
-        self._tasks.add(self._task)
-        self._task.add_done_callback(self._tasks.discard)
+        self._task = self._track(asyncio.get_running_loop().create_task(self._run(stream)))
+
+    @classmethod
+    def _track(cls, task: asyncio.Task) -> asyncio.Task:
+        cls._tasks.add(task)
+        task.add_done_callback(cls._tasks.discard)
+        return task
+
+    @classmethod
+    async def wait_all(cls, timeout: float) -> None:
+        """Wait for running generations to save their sessions (server shutdown)."""
+        if cls._tasks:
+            await asyncio.wait(list(cls._tasks), timeout=timeout)
 
     async def _run(self, stream) -> None:
         keeper = None

@@ -84,7 +84,12 @@ class Runtime:
         return self.settings.served_model_name
 
     async def close(self) -> None:
+        """Stop the engine (every request ends as "abort" with its final state), let the running
+        generations save their sessions, then close the store."""
+        from server.generation import Generation  # generation imports this module
+
         await asyncio.to_thread(self.engine.shutdown)
+        await Generation.wait_all(timeout=10.0)
         await self.store.close()
 
 

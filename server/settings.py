@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
+    shutdown_timeout_s: float = Field(10.0, ge=0)  # on SIGTERM: wait this long for open streams
 
     @field_validator("api_keys")
     @classmethod

@@ -18,6 +18,12 @@ from tests.test_state_support import free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class ServerURL(str):
+    """The base URL, with the server's process as `.proc` (for tests that signal it)."""
+
+    proc: subprocess.Popen
+
+
 @contextlib.contextmanager
 def run_server(env: dict[str, str] | None = None, timeout: float = 60.0) -> Iterator[str]:
     """Base URL of a server started with RETSERVE_* `env` (shipped model, memory store by default)."""
@@ -34,7 +40,8 @@ def run_server(env: dict[str, str] | None = None, timeout: float = 60.0) -> Iter
     proc = subprocess.Popen(
         [sys.executable, "-m", "server"], cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT
     )
-    url = f"http://127.0.0.1:{port}"
+    url = ServerURL(f"http://127.0.0.1:{port}")
+    url.proc = proc
     try:
         deadline = time.monotonic() + timeout
         while True:

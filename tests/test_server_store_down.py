@@ -3,6 +3,9 @@ server recovers by itself when Redis comes back."""
 
 from __future__ import annotations
 
+import itertools
+import json
+import signal
 import time
 
 import httpx
@@ -50,5 +53,37 @@ def test_redis_down_then_back(tmp_path):
             assert c.get("/ready").status_code == 200
             r = c.post("/v1/sessions/s3/generate", json=BODY)
             assert r.status_code == 200, r.text
+    finally:
+        redis_srv.kill()
+
+
+def test_shutdown_mid_stream_saves_the_session(tmp_path):
+    """SIGTERM while a session streams: after the grace period the request is aborted, the stream
+    ends with an error event and [DONE], and the session is saved with exactly the prompt plus the
+    delivered tokens before the store closes; a new server continues from it."""
+    redis_srv = RedisServer(tmp_path)
+    redis_srv.start()
+    env = {"RETSERVE_STORE_URL": redis_srv.url, "RETSERVE_SHUTDOWN_TIMEOUT_S": "1"}
+    body = {"prompt": " And", "max_tokens": 4000, "temperature": 0, "ignore_eos": True, "stream": True}
+    try:
+        with run_server(env) as url, httpx.Client(base_url=url, timeout=30) as c:
+            r = c.post("/v1/sessions", json={"session_id": "long", "prompt": "Once upon a time"})
+            assert r.status_code == 201, r.text
+            before = r.json()["tokens"]
+            n_prompt = c.post("/v1/completions", json={"prompt": " And", "max_tokens": 0}).json()["usage"]
+            with c.stream("POST", "/v1/sessions/long/generate", json={**body, "logprobs": 0}) as resp:
+                lines = resp.iter_lines()
+                got = [ln for ln in itertools.islice(lines, 20) if ln.startswith("data: {")]
+                assert got
+                url.proc.send_signal(signal.SIGTERM)  # shut down while this stream is open
+                tail = [ln for ln in lines if ln.startswith("data: ")]  # ends cleanly, no cut
+            assert url.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+        assert tail[-1] == "data: [DONE]" and '"error"' in tail[-2], tail[-3:]
+        chunks = [json.loads(ln[6:]) for ln in [*got, *tail[:-2]]]
+        delivered = sum(len(ch["choices"][0]["logprobs"]["tokens"]) for ch in chunks if ch["choices"])
+        assert 0 < delivered < 4000
+        with run_server(env) as url, httpx.Client(base_url=url, timeout=30) as c:
+            info = c.get("/v1/sessions/long").json()
+            assert info["tokens"] == before + n_prompt["prompt_tokens"] + delivered, (info, delivered)
     finally:
         redis_srv.kill()

@@ -112,3 +112,29 @@ def cluster_node_of(cluster: list[RedisServer], slot: int) -> int:
     finally:
         c.close()
     raise AssertionError(f"slot {slot} is not served")
+
+
+def test_server_sessions_on_a_cluster(cluster: list[RedisServer]) -> None:
+    """The HTTP server with RETSERVE_STORE_URL=redis+cluster://...: sessions work end to end."""
+    import httpx
+
+    from tests.server_support import run_server
+
+    url = "redis+cluster://" + cluster[1].url.removeprefix("redis://").rsplit("/", 1)[0]
+    with run_server({"RETSERVE_STORE_URL": url}) as base, httpx.Client(base_url=base, timeout=60) as c:
+        assert c.get("/ready").status_code == 200
+        ids = []
+        for i in range(6):  # spread over slots / nodes
+            r = c.post("/v1/sessions", json={"prompt": f"Document number {i} is here."})
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["id"])
+        listed = c.get("/v1/sessions", params={"limit": 100}).json()["data"]
+        assert {s["id"] for s in listed} >= set(ids)
+        body = {"prompt": " And", "max_tokens": 5, "temperature": 0}
+        blob = c.get(f"/v1/sessions/{ids[0]}/state").content
+        first = c.post(f"/v1/sessions/{ids[0]}/generate", json=body).json()["choices"][0]["text"]
+        assert c.put(f"/v1/sessions/{ids[0]}/state", content=blob).status_code == 200
+        again = c.post(f"/v1/sessions/{ids[0]}/generate", json=body).json()["choices"][0]["text"]
+        assert first == again
+        for sid in ids:
+            assert c.delete(f"/v1/sessions/{sid}").status_code == 200
