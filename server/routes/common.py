@@ -6,14 +6,13 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from server.engine import EngineSamplingParams, RequestOutput
 from server.errors import APIError
-from server.generation import Generation, SessionHandle, open_session
+from server.generation import Collected, Generation, SessionHandle, open_session
 from server.metrics import FINISH_REASONS
-from server.protocol import SamplingFields
+from server.protocol import SamplingFields, StreamOptions
 from server.runtime import Runtime
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -112,16 +111,26 @@ def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+async def final_result(gen: Generation) -> tuple[Collected, RequestOutput]:
+    """Non-streaming: the whole completion, or the error the client must hear instead."""
+    res = await gen.result()
+    assert res.final is not None
+    check_final(gen, res.final)
+    return res, res.final
+
+
 def stream_response(
-    request: Request,
     gen: Generation,
     chunk: Callable[[RequestOutput], list[dict]],
-    usage_chunk: Callable[[RequestOutput], dict] | None,
+    base: dict,
+    options: StreamOptions | None,
 ) -> StreamingResponse:
-    """SSE: `chunk(out)` for every delta, a usage chunk if asked, errors as error objects, then [DONE].
+    """SSE: `chunk(out)` for every delta, a usage chunk if asked (`stream_options.include_usage`),
+    errors as error objects, then [DONE].
 
     A client that disconnects aborts the engine request; the generation still saves its session.
     """
+    include_usage = options is not None and options.include_usage
 
     async def events() -> AsyncIterator[str]:
         finished = False
@@ -135,8 +144,8 @@ def stream_response(
                         yield sse(APIError(503, "the request was aborted (server shutting down)").body())
                     elif gen.save_error is not None:
                         yield sse(gen.save_error.body())
-                    if usage_chunk is not None:
-                        yield sse(usage_chunk(out))
+                    if include_usage:
+                        yield sse({**base, "choices": [], "usage": usage_json(out)})
             yield sse("[DONE]")
         finally:
             if not finished:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import secrets
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
 from server.chat import CHAT_STOP, render_chat
 from server.deps import RuntimeDep, TenantDep
 from server.engine import RequestOutput, TokenLogprob
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.routes.common import (
-    check_final,
     check_model,
     encode_prompt,
+    final_result,
     finish_reason,
     now,
     sampling_params,
@@ -70,7 +70,7 @@ def chat_logprobs(rt: Runtime, lps: list[TokenLogprob] | None) -> dict | None:
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep, tenant: TenantDep):
+async def completions(body: CompletionRequest, rt: RuntimeDep, tenant: TenantDep):
     check_model(rt, body.model)
     ids = encode_prompt(rt, body.prompt)
     n_lp = body.logprobs
@@ -104,14 +104,9 @@ async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep,
             offset += len(out.text)
             return [{**base, "choices": [choice]}]
 
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        usage = (lambda out: {**base, "choices": [], "usage": usage_json(out)}) if include_usage else None
-        return stream_response(request, gen, chunk, usage)
+        return stream_response(gen, chunk, base, body.stream_options)
 
-    res = await gen.result()
-    out = res.final
-    assert out is not None
-    check_final(gen, out)
+    res, out = await final_result(gen)
     lps = completion_logprobs(rt, res.logprobs, 0) if n_lp is not None else None
     return {
         **base,
@@ -121,7 +116,7 @@ async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep,
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request, rt: RuntimeDep, tenant: TenantDep):
+async def chat_completions(body: ChatCompletionRequest, rt: RuntimeDep, tenant: TenantDep):
     check_model(rt, body.model)
     ids = encode_prompt(rt, render_chat(body.messages))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -180,14 +175,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
                 )
             return chunks
 
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        usage = (lambda out: {**base, "choices": [], "usage": usage_json(out)}) if include_usage else None
-        return stream_response(request, gen, chunk, usage)
+        return stream_response(gen, chunk, base, body.stream_options)
 
-    res = await gen.result()
-    out = res.final
-    assert out is not None
-    check_final(gen, out)
+    res, out = await final_result(gen)
     text = res.text
     lps = chat_logprobs(rt, res.logprobs) if body.logprobs else None
     return {

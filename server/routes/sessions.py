@@ -151,15 +151,13 @@ async def prime_session(session_id: SidPath, body: SessionPrime, rt: RuntimeDep,
 
 
 @router.post("/{session_id}/generate")
-async def generate(
-    session_id: SidPath, body: SessionGenerate, request: Request, rt: RuntimeDep, tenant: TenantDep
-):
+async def generate(session_id: SidPath, body: SessionGenerate, rt: RuntimeDep, tenant: TenantDep):
     """A completion (OpenAI completions format, streaming or not) continuing the session."""
     if body.session_id is not None and body.session_id != session_id:
         raise APIError(400, "session_id in the body differs from the one in the path", param="session_id")
     fields = body.model_dump(exclude_unset=True)
     fields["session_id"] = session_id
-    return await completions(CompletionRequest(**fields), request, rt, tenant)
+    return await completions(CompletionRequest(**fields), rt, tenant)
 
 
 @router.post("/{session_id}/fork", status_code=201)
