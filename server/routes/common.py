@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -154,5 +155,14 @@ def stream_response(
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def now() -> int:
-    return int(time.time())
+def response_base(rt: Runtime, id_prefix: str, obj: str, session_id: str | None) -> dict:
+    """The fields every response / chunk of one request shares (OpenAI's, plus our session_id)."""
+    base = {
+        "id": id_prefix + secrets.token_hex(12),
+        "object": obj,
+        "created": int(time.time()),
+        "model": rt.model_name,
+    }
+    if session_id:
+        base["session_id"] = session_id
+    return base

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
-
 from fastapi import APIRouter
 
 from server.chat import CHAT_STOP, render_chat
@@ -15,7 +13,7 @@ from server.routes.common import (
     encode_prompt,
     final_result,
     finish_reason,
-    now,
+    response_base,
     sampling_params,
     start_generation,
     stream_response,
@@ -83,10 +81,7 @@ async def completions(body: CompletionRequest, rt: RuntimeDep, tenant: TenantDep
         top_logprobs=n_lp or 0,
     )
     gen = await start_generation(rt, tenant, body.session_id, ids, params)
-    cid, created = "cmpl-" + secrets.token_hex(12), now()
-    base = {"id": cid, "object": "text_completion", "created": created, "model": rt.model_name}
-    if body.session_id:
-        base["session_id"] = body.session_id
+    base = response_base(rt, "cmpl-", "text_completion", body.session_id)
 
     if body.stream:
         offset = 0
@@ -130,10 +125,7 @@ async def chat_completions(body: ChatCompletionRequest, rt: RuntimeDep, tenant: 
         extra_stop=tuple(CHAT_STOP),
     )
     gen = await start_generation(rt, tenant, body.session_id, ids, params)
-    cid, created = "chatcmpl-" + secrets.token_hex(12), now()
-    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": rt.model_name}
-    if body.session_id:
-        base["session_id"] = body.session_id
+    base = response_base(rt, "chatcmpl-", "chat.completion.chunk", body.session_id)
 
     if body.stream:
         first = True
