@@ -111,7 +111,6 @@ class ChatCompletionRequest(SamplingFields):
 class SessionCreate(StrictModel):
     session_id: SessionId | None = None  # your own name within your tenant; default: a random id
     prompt: str | list[StrictInt] | None = None  # text (or token ids) to read into the new state
-    ttl_s: float | None = Field(None, gt=0, le=10 * 365 * 86400)
 
 
 class SessionPrime(StrictModel):
