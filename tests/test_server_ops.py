@@ -1,5 +1,5 @@
-"""With Redis down: session requests fail fast with 503, stateless completions keep working, and the
-server recovers by itself when Redis comes back."""
+"""Server operations: Redis down and back (session requests fail fast with 503, stateless completions
+keep working, recovery), graceful shutdown mid-stream, engine overload."""
 
 from __future__ import annotations
 
@@ -87,3 +87,28 @@ def test_shutdown_mid_stream_saves_the_session(tmp_path):
             assert info["tokens"] == before + n_prompt["prompt_tokens"] + delivered, (info, delivered)
     finally:
         redis_srv.kill()
+
+
+def test_engine_overload_is_503_with_retry_after():
+    env = {"RETSERVE_MAX_RUNNING": "1", "RETSERVE_MAX_WAITING": "1"}
+    long = {"prompt": "Once", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    with (
+        run_server(env) as url,
+        httpx.Client(base_url=url, timeout=30) as c1,
+        httpx.Client(base_url=url, timeout=30) as c2,
+        httpx.Client(base_url=url, timeout=30) as c3,
+    ):
+        with (
+            c1.stream("POST", "/v1/completions", json=long) as a,
+            c2.stream("POST", "/v1/completions", json=long) as b,
+        ):
+            assert a.status_code == 200 and b.status_code == 200  # one running, one waiting
+            r = c3.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] and r.json()["error"]["code"] == "overloaded"
+        # both streams closed: their requests were aborted and the engine is free again
+        deadline = time.monotonic() + 10
+        while (r := c3.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})).status_code == 503:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.1)
+        assert r.status_code == 200
