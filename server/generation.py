@@ -24,6 +24,7 @@ from state_store import (
     Lease,
     LoadedState,
     LockHeldError,
+    LockNotHeldError,
     Provenance,
     StateCodecError,
     StateStoreError,
@@ -52,6 +53,12 @@ def store_error(e: StateStoreError, what: str) -> APIError:
             409,
             f"{what}: the session is in use by another request; retry when it has finished",
             code="session_busy",
+        )
+    if isinstance(e, LockNotHeldError):
+        return APIError(
+            409,
+            f"{what}: the session's lease was lost (the store was unreachable too long); retry",
+            code="session_lease_lost",
         )
     if isinstance(e, VersionConflictError):
         return APIError(409, f"{what}: the session changed or already exists", code="session_conflict")

@@ -112,3 +112,29 @@ def test_engine_overload_is_503_with_retry_after():
             assert time.monotonic() < deadline, r.text
             time.sleep(0.1)
         assert r.status_code == 200
+
+
+def test_non_streaming_client_that_leaves_aborts_its_request():
+    """A non-streaming client that times out: the engine aborts the request (no 4,000-token run
+    to the end), the session keeps what was generated until then and its lease is released."""
+    with run_server() as url, httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/v1/sessions", json={"session_id": "nb", "prompt": "Once upon a time"})
+        before = r.json()["tokens"]
+        body = {"prompt": " And", "max_tokens": 4000, "ignore_eos": True, "temperature": 0}
+        t0 = time.monotonic()
+        try:
+            c.post("/v1/sessions/nb/generate", json=body, timeout=0.5)
+            raise AssertionError("expected the client to time out")
+        except httpx.ReadTimeout:
+            pass
+        deadline = time.monotonic() + 10
+        while (r := c.post("/v1/sessions/nb/prime", json={"prompt": "."})).status_code == 409:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.05)
+        assert r.status_code == 200, r.text
+        took = time.monotonic() - t0
+        after = r.json()["tokens"]
+        assert before < after < before + 4000, (before, after)
+        assert took < 5, f"the aborted request ran for {took:.1f}s"
+        metrics = c.get("/metrics").text
+        assert 'retserve:request_success_total{finished_reason="abort"} 1.0' in metrics

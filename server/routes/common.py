@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 
+from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from server.engine import EngineSamplingParams, RequestOutput
@@ -112,9 +114,22 @@ def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-async def final_result(gen: Generation) -> tuple[Collected, RequestOutput]:
-    """Non-streaming: the whole completion, or the error the client must hear instead."""
-    res = await gen.result()
+async def final_result(gen: Generation, request: Request) -> tuple[Collected, RequestOutput]:
+    """Non-streaming: the whole completion, or the error the client must hear instead.
+
+    A client that disconnects while waiting aborts the request (its session is still saved).
+    """
+
+    async def watch_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gen.abort()
+
+    watcher = asyncio.get_running_loop().create_task(watch_disconnect())
+    try:
+        res = await gen.result()
+    finally:
+        watcher.cancel()
     assert res.final is not None
     check_final(gen, res.final)
     return res, res.final

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from server.chat import CHAT_STOP, render_chat
 from server.deps import RuntimeDep, TenantDep
@@ -68,7 +68,7 @@ def chat_logprobs(rt: Runtime, lps: list[TokenLogprob] | None) -> dict | None:
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, rt: RuntimeDep, tenant: TenantDep):
+async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep, tenant: TenantDep):
     check_model(rt, body.model)
     ids = encode_prompt(rt, body.prompt)
     n_lp = body.logprobs
@@ -101,7 +101,7 @@ async def completions(body: CompletionRequest, rt: RuntimeDep, tenant: TenantDep
 
         return stream_response(gen, chunk, base, body.stream_options)
 
-    res, out = await final_result(gen)
+    res, out = await final_result(gen, request)
     lps = completion_logprobs(rt, res.logprobs, 0) if n_lp is not None else None
     return {
         **base,
@@ -111,7 +111,7 @@ async def completions(body: CompletionRequest, rt: RuntimeDep, tenant: TenantDep
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, rt: RuntimeDep, tenant: TenantDep):
+async def chat_completions(body: ChatCompletionRequest, request: Request, rt: RuntimeDep, tenant: TenantDep):
     check_model(rt, body.model)
     ids = encode_prompt(rt, render_chat(body.messages))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -169,7 +169,7 @@ async def chat_completions(body: ChatCompletionRequest, rt: RuntimeDep, tenant: 
 
         return stream_response(gen, chunk, base, body.stream_options)
 
-    res, out = await final_result(gen)
+    res, out = await final_result(gen, request)
     text = res.text
     lps = chat_logprobs(rt, res.logprobs) if body.logprobs else None
     return {

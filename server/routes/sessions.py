@@ -26,7 +26,7 @@ from server.generation import (
     take_lease,
 )
 from server.protocol import CompletionRequest, SessionCreate, SessionFork, SessionGenerate, SessionPrime
-from server.routes.common import check_final, encode_prompt
+from server.routes.common import encode_prompt, final_result
 from server.routes.openai import completions
 from server.runtime import Runtime
 from state_store import EntryInfo, Provenance, StateCodecError, StateStoreError, ValueTooLargeError
@@ -67,17 +67,17 @@ def _digest(ids: list[int]) -> str:
     return "blake2b:" + hashlib.blake2b(repr(ids).encode(), digest_size=16).hexdigest()
 
 
-async def _read(rt: Runtime, h: SessionHandle, ids: list[int], create: bool) -> None:
-    """Read `ids` into the session's state (max_tokens=0) and save it; releases the lease."""
+async def _read(rt: Runtime, request: Request, h: SessionHandle, ids: list[int], create: bool) -> None:
+    """Read `ids` into the session's state (max_tokens=0) and save it; releases the lease.
+
+    A client that disconnects first aborts the read: the session stays as it was."""
     gen = Generation(rt, ids, EngineSamplingParams(temperature=0, max_tokens=0), h, create=create)
     gen.start()
-    res = await gen.result()
-    assert res.final is not None
-    check_final(gen, res.final)
+    await final_result(gen, request)
 
 
 @router.post("", status_code=201)
-async def create_session(body: SessionCreate, rt: RuntimeDep, tenant: TenantDep) -> dict:
+async def create_session(body: SessionCreate, request: Request, rt: RuntimeDep, tenant: TenantDep) -> dict:
     sid = body.session_id or new_session_id()
     ids = encode_prompt(rt, body.prompt) if body.prompt is not None else []
     h = await open_session(rt, tenant, sid, must_exist=False)
@@ -91,7 +91,7 @@ async def create_session(body: SessionCreate, rt: RuntimeDep, tenant: TenantDep)
         )
     if ids:
         h.provenance = Provenance(primed_from=_digest(ids))
-        await _read(rt, h, ids, create=True)
+        await _read(rt, request, h, ids, create=True)
         rt.metrics.sessions.labels(event="primed").inc()
     else:
         try:
@@ -142,22 +142,26 @@ async def delete_session(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep)
 
 
 @router.post("/{session_id}/prime")
-async def prime_session(session_id: SidPath, body: SessionPrime, rt: RuntimeDep, tenant: TenantDep) -> dict:
+async def prime_session(
+    session_id: SidPath, body: SessionPrime, request: Request, rt: RuntimeDep, tenant: TenantDep
+) -> dict:
     ids = encode_prompt(rt, body.prompt)
     h = await open_session(rt, tenant, session_id)
-    await _read(rt, h, ids, create=False)
+    await _read(rt, request, h, ids, create=False)
     rt.metrics.sessions.labels(event="primed").inc()
     return await _info(rt, tenant, session_id)
 
 
 @router.post("/{session_id}/generate")
-async def generate(session_id: SidPath, body: SessionGenerate, rt: RuntimeDep, tenant: TenantDep):
+async def generate(
+    session_id: SidPath, body: SessionGenerate, request: Request, rt: RuntimeDep, tenant: TenantDep
+):
     """A completion (OpenAI completions format, streaming or not) continuing the session."""
     if body.session_id is not None and body.session_id != session_id:
         raise APIError(400, "session_id in the body differs from the one in the path", param="session_id")
     fields = body.model_dump(exclude_unset=True)
     fields["session_id"] = session_id
-    return await completions(CompletionRequest(**fields), rt, tenant)
+    return await completions(CompletionRequest(**fields), request, rt, tenant)
 
 
 @router.post("/{session_id}/fork", status_code=201)
