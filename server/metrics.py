@@ -15,7 +15,14 @@ LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1
 E2E = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 SESSION_EVENTS = ("created", "primed", "resumed", "exported", "imported", "forked", "deleted")
 # engine finish reasons -> OpenAI finish_reason
-FINISH_REASONS = {"eos": "stop", "stop_token": "stop", "stop": "stop", "length": "length", "abort": "abort"}
+FINISH_REASONS = {
+    "eos": "stop",
+    "stop_token": "stop",
+    "stop": "stop",
+    "length": "length",
+    "abort": "abort",
+    "error": "error",
+}
 
 
 class _EngineCollector(Collector):

@@ -178,7 +178,7 @@ def test_keep_mask_hook_is_applied():
     assert not dropped[2].state.equal(full[2].state)
 
 
-def test_invalid_requests_are_refused_and_a_crashed_loop_ends_every_stream():
+def test_invalid_requests_are_refused_and_a_failing_model_ends_each_request_with_error():
     async def main():
         eng = Engine(model(), tok())
         try:
@@ -201,11 +201,11 @@ def test_invalid_requests_are_refused_and_a_crashed_loop_ends_every_stream():
         broken.forward = boom
         eng = Engine(broken, tok())
         try:
-            ids, _, out = await eng.submit(EngineRequest([1, 2], greedy(3))).collect()
-            assert out.finished and out.finish_reason == "abort" and ids == []
-            assert isinstance(eng.error, RuntimeError)
-            with pytest.raises(EngineOverloaded):
-                eng.submit(EngineRequest([1], greedy(1)))
+            for _ in range(3):  # each failed iteration ends its requests; the loop goes on
+                ids, _, out = await eng.submit(EngineRequest([1, 2], greedy(3))).collect()
+                assert out.finished and out.finish_reason == "error" and ids == [] and out.state is None
+            assert eng.alive and eng.error is None and eng.consecutive_failures == 3
+            assert eng.load() == {"requests": 0, "queued_prompt_tokens": 0, "rows": 0}
         finally:
             eng.shutdown()
         assert not eng.alive
@@ -257,3 +257,32 @@ def test_unusable_sampling_params_are_refused_at_submit_and_the_engine_lives_on(
 
     ids, out, alive = asyncio.run(main())
     assert alive and len(ids) == 2 and out.finish_reason in ("length", "eos")
+
+
+def test_a_failing_iteration_ends_its_requests_with_error_and_the_engine_goes_on():
+    def keep(req, prompt):
+        if prompt[0] == 7:
+            raise RuntimeError("injected failure")
+        return None
+
+    async def main():
+        eng = Engine(model(), tok(), EngineConfig(keep_mask=keep))
+        try:
+            running = eng.submit(EngineRequest([1, 2, 3], greedy(100_000)))
+            got = 0
+            async for out in running:  # a stream that is decoding when the failure hits
+                got += len(out.token_ids)
+                if got >= 2:
+                    bad = await eng.submit(EngineRequest([7, 8], greedy(3))).collect()
+                    break
+            rest = [o async for o in running]
+            after = await eng.submit(EngineRequest([1, 2], greedy(2))).collect()
+            return bad, rest, after, eng.alive, eng.load()
+        finally:
+            eng.shutdown()
+
+    bad, rest, after, alive, load = asyncio.run(main())
+    assert bad[2].finish_reason == "error" and bad[2].state is None
+    assert rest[-1].finished and rest[-1].finish_reason == "error" and rest[-1].state is None
+    assert alive and after[2].finish_reason == "length" and len(after[0]) == 2
+    assert load["requests"] == 0 and load["queued_prompt_tokens"] == 0

@@ -108,3 +108,28 @@ def test_body_limit_declared_and_chunked():
             "/v1/completions", content=chunks(small), headers={"content-type": "application/json"}
         )
         assert r.status_code == 200, r.text
+
+
+def test_engine_failure_is_a_500_with_a_message_and_the_server_goes_on():
+    app = create_app(Settings(num_threads=1))
+    with TestClient(app) as client:
+        cfg = app.state.runtime.engine.config
+
+        def fail(req, prompt):
+            raise RuntimeError("injected")
+
+        cfg.keep_mask = fail
+        client.post("/v1/sessions", json={"session_id": "keep", "prompt": "x"})  # fails too (prime)
+        r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
+        with client.stream(
+            "POST", "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "stream": True}
+        ) as s:
+            lines = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and "engine_error" in lines[-2]
+        assert client.get("/ready").status_code == 503  # three failed iterations in a row
+        cfg.keep_mask = None
+        r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        assert client.get("/ready").status_code == 200
+        assert client.get("/v1/sessions/keep").status_code == 404  # the failed prime created nothing

@@ -39,6 +39,7 @@ from server.engine.types import (
     IterationStats,
     RequestOutput,
     RequestTimings,
+    Usage,
 )
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.stats: collections.deque[IterationStats] = collections.deque(maxlen=self.config.stats_history)
         self.iterations = 0  # iterations run (stats keeps only the last stats_history)
+        self.consecutive_failures = 0  # iterations that raised since the last one that did not
         self._cond = threading.Condition()
         self._inbox: list[Sequence] = []
         self._aborts: list[str] = []
@@ -224,6 +226,22 @@ class Engine:
         finally:
             self._flush()
 
+    def _fail_all(self) -> None:
+        """End every live request with finish reason "error" (no state: the batch may be
+        inconsistent after a failed iteration, so sessions keep their previous state)."""
+        for seq in list(self._seqs.values()):  # every live request, wherever the failure left it
+            if seq.finishing is not None and not seq.final_feed:
+                continue
+            if seq.prefilled < seq.prompt_len:
+                self._prompt_read(seq.prompt_len - seq.prefilled)
+            usage = Usage(seq.prompt_len, seq.detok.num_reported)
+            seq.emit(
+                RequestOutput(
+                    seq.request.request_id, [], "", finished=True, finish_reason="error", usage=usage
+                )
+            )
+            self._finished(seq)
+
     def _run(self) -> None:
         runner = self._runner
         try:
@@ -246,7 +264,21 @@ class Engine:
                     runner.abort_all()
                     return
                 if runner.sched.has_work():
-                    self.stats.append(runner.step())
+                    try:
+                        self.stats.append(runner.step())
+                        self.consecutive_failures = 0
+                    except Exception:  # fail this batch's requests, keep serving (/ready reports a streak)
+                        self.consecutive_failures += 1
+                        log.exception("engine iteration failed: its requests end with 'error'; batch reset")
+                        self._fail_all()
+                        runner = self._runner = Runner(
+                            self.model,
+                            self.tokenizer,
+                            self.config,
+                            self._prompt_read,
+                            self._finished,
+                            self._flush,
+                        )
                     self.iterations += 1
                 self._flush()
         except BaseException as exc:  # keep the error; end every request rather than hang clients
@@ -257,5 +289,5 @@ class Engine:
             for seq in [*self._seqs.values(), *inbox]:
                 if seq.finishing is None or seq.final_feed:
                     rid = seq.request.request_id
-                    seq.emit(RequestOutput(rid, [], "", finished=True, finish_reason="abort"))
-            log.exception("engine loop failed; every request was ended (abort) and submit now refuses")
+                    seq.emit(RequestOutput(rid, [], "", finished=True, finish_reason="error"))
+            log.exception("engine loop failed; every request was ended (error) and submit now refuses")

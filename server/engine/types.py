@@ -12,7 +12,7 @@ import torch
 from model.sampling import SamplingParams
 from model.state import RetentionState
 
-FinishReason = Literal["length", "eos", "stop_token", "stop", "abort"]
+FinishReason = Literal["length", "eos", "stop_token", "stop", "abort", "error"]  # error: engine failure
 
 _ids = itertools.count()
 

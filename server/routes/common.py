@@ -18,6 +18,7 @@ from server.metrics import FINISH_REASONS
 from server.protocol import SamplingFields, StreamOptions
 from server.runtime import Runtime
 
+ENGINE_ERROR = "the engine failed while serving this request (logged; the session was not changed); retry"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -102,6 +103,8 @@ def check_final(gen: Generation, out: RequestOutput) -> None:
     """Non-streaming: errors the client must hear instead of a normal body."""
     if out.finish_reason == "abort":
         raise APIError(503, "the request was aborted (the server is shutting down); retry", code="aborted")
+    if out.finish_reason == "error":
+        raise APIError(500, ENGINE_ERROR, code="engine_error")
     if gen.save_error is not None:
         raise APIError(
             gen.save_error.status,
@@ -158,6 +161,8 @@ def stream_response(
                     finished = True
                     if out.finish_reason == "abort":
                         yield sse(APIError(503, "the request was aborted (server shutting down)").body())
+                    elif out.finish_reason == "error":
+                        yield sse(APIError(500, ENGINE_ERROR, code="engine_error").body())
                     elif gen.save_error is not None:
                         yield sse(gen.save_error.body())
                     if include_usage:

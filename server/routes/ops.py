@@ -26,9 +26,12 @@ async def ready(request: Request) -> JSONResponse:
     if rt is None:
         problems.append("the model is still loading")
     else:
-        checks["engine"] = rt.engine.alive and rt.engine.error is None
-        if not checks["engine"]:
-            problems.append(f"the engine is not running ({rt.engine.error or 'stopped'})")
+        eng = rt.engine
+        checks["engine"] = eng.alive and eng.error is None and eng.consecutive_failures < 3
+        if not (eng.alive and eng.error is None):
+            problems.append(f"the engine is not running ({eng.error or 'stopped'})")
+        elif eng.consecutive_failures >= 3:
+            problems.append(f"the engine's last {eng.consecutive_failures} iterations failed (see the log)")
         try:
             await asyncio.wait_for(rt.store.ping(), timeout=2.0)
             checks["store"] = True
