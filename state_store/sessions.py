@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+import torch
 
 from model.state import RetentionState
 from state_store.base import EntryInfo, Lease, StateStore
-from state_store.codec import StateCodec
+from state_store.codec import DecodedState, StateCodec
 from state_store.header import Provenance, StateMeta
+
+
+@functools.cache
+def _codec_pool() -> ThreadPoolExecutor:
+    """Worker threads for encoding / decoding, each with one torch thread: a second multi-threaded
+    OpenMP team in the process slows the engine's (see server/engine/types.py, num_threads)."""
+    return ThreadPoolExecutor(
+        2, thread_name_prefix="retserve-codec", initializer=torch.set_num_threads, initargs=(1,)
+    )
 
 
 @dataclass(frozen=True)
@@ -18,7 +32,8 @@ class LoadedState:
 
 
 class SessionStates:
-    """`save` encodes and puts, `load` gets and decodes (validating it against the codec's model)."""
+    """`save` encodes and puts, `load` gets and decodes (validating it against the codec's model);
+    encoding and decoding run in a worker thread so a large state does not stall the event loop."""
 
     def __init__(self, store: StateStore, codec: StateCodec) -> None:
         self.store = store
@@ -40,7 +55,9 @@ class SessionStates:
 
         Pass the loaded `meta.created_at` when saving a resumed session, to keep its creation time.
         """
-        data = self.codec.encode(state, provenance=provenance, created_at=created_at)
+        # encoding copies every tensor byte (~100 MB for a 1.3B model's state): off the event loop
+        encode = functools.partial(self.codec.encode, state, provenance=provenance, created_at=created_at)
+        data = await asyncio.get_running_loop().run_in_executor(_codec_pool(), encode)
         return await self.store.put(
             namespace, session, data, ttl=ttl, expected_version=expected_version, lease=lease
         )
@@ -50,8 +67,14 @@ class SessionStates:
         stored = await self.store.get(namespace, session)
         if stored is None:
             return None
-        decoded = self.codec.decode(stored.data)
+        decoded = await asyncio.get_running_loop().run_in_executor(
+            _codec_pool(), self.codec.decode, stored.data
+        )
         return LoadedState(decoded.state, decoded.meta, stored.info)
+
+    async def decode(self, data: bytes) -> DecodedState:
+        """Validate and decode a blob (e.g. an uploaded one) in a codec worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(_codec_pool(), self.codec.decode, data)
 
     async def info(self, namespace: str, session: str) -> EntryInfo | None:
         """Metadata only (no state bytes move)."""

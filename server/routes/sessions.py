@@ -241,7 +241,7 @@ async def import_state(session_id: SidPath, request: Request, rt: RuntimeDep, te
     if not data:
         raise APIError(400, "empty body: send the bytes of an exported state (application/octet-stream)")
     try:
-        decoded = rt.sessions.codec.decode(data)
+        decoded = await rt.sessions.decode(data)
     except StateCodecError as e:
         raise APIError(400, f"not a valid state for this model: {e}", code="invalid_state") from None
     if decoded.meta.batch_size != 1:
