@@ -44,7 +44,7 @@ async def raw_engine(tokens: int, threads: int) -> float:
         ids = tok.encode(PROMPT)
         await eng.submit(EngineRequest(ids, p)).collect()
         rates = []
-        for _ in range(3):
+        for _ in range(5):
             t0 = time.perf_counter()
             got, _, _ = await eng.submit(EngineRequest(ids, p)).collect()
             rates.append(len(got) / (time.perf_counter() - t0))
@@ -95,7 +95,7 @@ async def http_figures(url: str, tokens: int, long_len: int) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=100)) as c:
         await stream_one(url, body)
         rates = []
-        for _ in range(3):
+        for _ in range(5):
             n, _, dt = await stream_one(url, body)
             rates.append(n / dt)
         out["single"] = statistics.median(rates)

@@ -154,13 +154,13 @@ class Generation:
         self.final: RequestOutput | None = None
         self.save_error: APIError | None = None
         self.saved_version: int | None = None
-        self._task: asyncio.Task | None = None
+        self._keeper: asyncio.Task | None = None  # renews the session's lease while the request runs
 
     def start(self) -> None:
         """Submit to the engine (raises APIError 503/400); on failure the session lease is released."""
         try:
             try:
-                stream = self.rt.engine.submit(self.request)
+                self.rt.engine.submit(self.request, sink=self._on_output)
             except EngineOverloaded as e:
                 raise APIError(
                     503,
@@ -174,7 +174,8 @@ class Generation:
             if self.session is not None:
                 self._track(asyncio.get_running_loop().create_task(release(self.rt, self.session.lease)))
             raise
-        self._task = self._track(asyncio.get_running_loop().create_task(self._run(stream)))
+        if self.session is not None and self.session.lease is not None:
+            self._keeper = asyncio.get_running_loop().create_task(self._keep_lease(self.session.lease))
 
     @classmethod
     def _track(cls, task: asyncio.Task) -> asyncio.Task:
@@ -188,28 +189,27 @@ class Generation:
         if cls._tasks:
             await asyncio.wait(list(cls._tasks), timeout=timeout)
 
-    async def _run(self, stream) -> None:
-        keeper = None
-        if self.session is not None and self.session.lease is not None:
-            keeper = asyncio.get_running_loop().create_task(self._keep_lease(self.session.lease))
+    def _on_output(self, out: RequestOutput) -> None:
+        """Engine outputs, on the event loop: deltas go straight to the consumer's queue; the final
+        one first goes through `_finish` (its own task, so it runs even when nobody consumes)."""
+        if not out.finished:
+            self._queue.put_nowait(out)
+            return
+        self.final = out
+        self._track(asyncio.get_running_loop().create_task(self._finish(out)))
+
+    async def _finish(self, out: RequestOutput) -> None:
         try:
-            async for out in stream:
-                if out.finished:
-                    self.final = out
-                    self.rt.metrics.request_finished(out)
-                    if keeper is not None:
-                        keeper.cancel()
-                    if self.session is not None:
-                        if out.state is not None:
-                            await self._save(out)
-                        await self._release()  # before the client hears "finished" and comes back
-                self._queue.put_nowait(out)
-        except Exception:  # pragma: no cover - the engine ends every stream; keep clients from hanging
-            log.exception("generation %s failed", self.request.request_id)
+            self.rt.metrics.request_finished(out)
+            if self._keeper is not None:
+                self._keeper.cancel()
+            if self.session is not None and out.state is not None:
+                await self._save(out)
+        except Exception:  # pragma: no cover - keep clients from hanging whatever happens
+            log.exception("finishing generation %s failed", self.request.request_id)
         finally:
-            if keeper is not None:
-                keeper.cancel()
-            await self._release()
+            await self._release()  # before the client hears "finished" and comes back
+            self._queue.put_nowait(out)
             self._queue.put_nowait(None)
 
     async def _release(self) -> None:

@@ -89,6 +89,7 @@ class Runtime:
         from server.generation import Generation  # generation imports this module
 
         await asyncio.to_thread(self.engine.shutdown)
+        await asyncio.sleep(0)  # let the final outputs delivered by the engine thread start their saves
         await Generation.wait_all(timeout=10.0)
         await self.store.close()
 
