@@ -6,7 +6,7 @@ Prints, for the shipped model on this machine:
   - time to first token continuing a session primed with 8k tokens (state loaded from Redis) vs
     sending the 8k tokens again (goal <= 1/20)
 
-Usage: python bench/bench_http.py [--tokens 256] [--threads 2] [--store redis://127.0.0.1:6379/0]
+Usage: python bench/bench_http.py [--tokens 256] [--threads 2] [--store redis://127.0.0.1:6379/0] [--compile]
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from tests.server_support import run_server  # noqa: E402
 PROMPT = "The quick brown fox jumps over the lazy dog and"
 
 
-async def raw_engine(tokens: int, threads: int) -> float:
+async def raw_engine(tokens: int, threads: int, compile: bool = False) -> float:
     torch.set_num_threads(1)
     ckpt = ROOT / "checkpoints/retserve-small"
     model, tok = from_pretrained(ckpt).eval(), load_tokenizer(ckpt)
-    eng = Engine(model, tok, EngineConfig(num_threads=threads))
+    eng = Engine(model, tok, EngineConfig(num_threads=threads, compile=compile))
     try:
         p = EngineSamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
         ids = tok.encode(PROMPT)
@@ -141,17 +141,20 @@ def main() -> None:
     ap.add_argument("--store", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--long", type=int, default=8192)
     ap.add_argument("--skip-raw", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (both sides)")
     args = ap.parse_args()
-    raw = float("nan") if args.skip_raw else asyncio.run(raw_engine(args.tokens, args.threads))
+    raw = float("nan") if args.skip_raw else asyncio.run(raw_engine(args.tokens, args.threads, args.compile))
     env = {
         "RETSERVE_STORE_URL": args.store,
         "RETSERVE_NUM_THREADS": str(args.threads),
         "RETSERVE_MAX_TOKENS_LIMIT": str(max(4096, args.tokens)),
+        "RETSERVE_COMPILE": "true" if args.compile else "false",
     }
     with run_server(env) as url:
         f = asyncio.run(http_figures(url, args.tokens, args.long))
     print(
         f"retserve HTTP benchmark, torch {torch.__version__}, engine threads {args.threads},"
+        f" compile {args.compile},"
         f" store {args.store}"
     )
     print(
