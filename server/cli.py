@@ -11,9 +11,10 @@ import sys
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from server.app import create_app
-from server.runtime import StartupError
+from server.runtime import StartupError, preflight
 from server.settings import Settings
 
 
@@ -29,8 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
         settings = Settings(**overrides)
-    except ValidationError as e:
-        sys.exit(f"retserve: invalid settings:\n{e}")
+    except (ValidationError, SettingsError) as e:
+        sys.exit(f"retserve: invalid settings (RETSERVE_* environment variables):\n{e}")
+    try:
+        preflight(settings)
+    except StartupError as e:
+        sys.exit(f"retserve: {e}")
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -94,12 +94,18 @@ class Runtime:
         await self.store.close()
 
 
-def load_model(settings: Settings) -> tuple[RetNet, Tokenizer, str, torch.device]:
+def preflight(settings: Settings) -> None:
+    """Cheap checks before anything heavy starts: StartupError says which setting to fix."""
     if not (settings.model_path / "config.json").is_file():
         raise StartupError(
             f"RETSERVE_MODEL_PATH={settings.model_path} has no config.json: point it at a model directory"
             " (the shipped one is checkpoints/retserve-small)"
         )
+    pick_device(settings.device)
+
+
+def load_model(settings: Settings) -> tuple[RetNet, Tokenizer, str, torch.device]:
+    preflight(settings)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     model = from_pretrained(settings.model_path).eval()  # float32 on CPU: the fingerprint's reference

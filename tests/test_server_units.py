@@ -133,3 +133,30 @@ def test_engine_failure_is_a_500_with_a_message_and_the_server_goes_on():
         assert r.status_code == 200, r.text
         assert client.get("/ready").status_code == 200
         assert client.get("/v1/sessions/keep").status_code == 404  # the failed prime created nothing
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"RETSERVE_MODEL_PATH": "/nonexistent"}, "RETSERVE_MODEL_PATH"),
+        ({"RETSERVE_PORT": "abc"}, "port"),
+        ({"RETSERVE_STORE_URL": "mysql://x"}, "store_url"),
+        ({"RETSERVE_API_KEYS": "not json"}, "api_keys"),
+    ],
+)
+def test_bad_settings_exit_with_a_message(env, says):
+    import os
+    import subprocess
+    import sys
+
+    from tests.server_support import ROOT
+
+    out = subprocess.run(
+        [sys.executable, "-m", "server"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
