@@ -32,9 +32,14 @@ def check_model(rt: Runtime, model: str | None) -> None:
         )
 
 
-def encode_prompt(rt: Runtime, prompt: str | list[int], *, allow_empty: bool = False) -> list[int]:
+async def encode_prompt(rt: Runtime, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
-        ids = rt.tokenizer.encode(prompt)
+        # a long text (up to the body limit: megabytes) is tokenized off the event loop
+        ids = (
+            rt.tokenizer.encode(prompt)
+            if len(prompt) < 16384
+            else await asyncio.to_thread(rt.tokenizer.encode, prompt)
+        )
     else:
         ids = list(prompt)
         bad = [t for t in ids if not 0 <= t < rt.model.config.vocab_size]
@@ -44,7 +49,7 @@ def encode_prompt(rt: Runtime, prompt: str | list[int], *, allow_empty: bool = F
                 f"prompt token ids must be in [0, {rt.model.config.vocab_size}); got {bad[0]}",
                 param="prompt",
             )
-    if not ids and not allow_empty:
+    if not ids:
         raise APIError(
             400,
             "the prompt is empty: send at least one token of text (a session's next token needs new input)",

@@ -70,7 +70,7 @@ def chat_logprobs(rt: Runtime, lps: list[TokenLogprob] | None) -> dict | None:
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep, tenant: TenantDep):
     check_model(rt, body.model)
-    ids = encode_prompt(rt, body.prompt)
+    ids = await encode_prompt(rt, body.prompt)
     n_lp = body.logprobs
     params = sampling_params(
         rt,
@@ -113,7 +113,7 @@ async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep,
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, rt: RuntimeDep, tenant: TenantDep):
     check_model(rt, body.model)
-    ids = encode_prompt(rt, render_chat(body.messages))
+    ids = await encode_prompt(rt, render_chat(body.messages))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = sampling_params(
         rt,

@@ -79,7 +79,7 @@ async def _read(rt: Runtime, request: Request, h: SessionHandle, ids: list[int],
 @router.post("", status_code=201)
 async def create_session(body: SessionCreate, request: Request, rt: RuntimeDep, tenant: TenantDep) -> dict:
     sid = body.session_id or new_session_id()
-    ids = encode_prompt(rt, body.prompt) if body.prompt is not None else []
+    ids = await encode_prompt(rt, body.prompt) if body.prompt is not None else []
     h = await open_session(rt, tenant, sid, must_exist=False)
     if h.loaded is not None:
         await release(rt, h.lease)
@@ -145,7 +145,7 @@ async def delete_session(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep)
 async def prime_session(
     session_id: SidPath, body: SessionPrime, request: Request, rt: RuntimeDep, tenant: TenantDep
 ) -> dict:
-    ids = encode_prompt(rt, body.prompt)
+    ids = await encode_prompt(rt, body.prompt)
     h = await open_session(rt, tenant, session_id)
     await _read(rt, request, h, ids, create=False)
     rt.metrics.sessions.labels(event="primed").inc()
