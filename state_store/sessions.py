@@ -67,9 +67,7 @@ class SessionStates:
         stored = await self.store.get(namespace, session)
         if stored is None:
             return None
-        decoded = await asyncio.get_running_loop().run_in_executor(
-            _codec_pool(), self.codec.decode, stored.data
-        )
+        decoded = await self.decode(stored.data)
         return LoadedState(decoded.state, decoded.meta, stored.info)
 
     async def decode(self, data: bytes) -> DecodedState:
