@@ -109,7 +109,7 @@ class Engine:
             asyncio.AbstractEventLoop, list[tuple[Callable[[RequestOutput], None], RequestOutput]]
         ] = {}
         self.error: BaseException | None = None
-        self._runner = Runner(model, tokenizer, self.config, self._prompt_read, self._finished, self._flush)
+        self._runner = self._new_runner()
         self._thread = threading.Thread(target=self._loop, name="retserve-engine", daemon=True)
         if start:
             self._thread.start()
@@ -235,6 +235,9 @@ class Engine:
         finally:
             self._flush()
 
+    def _new_runner(self) -> Runner:
+        return Runner(self.model, self.tokenizer, self.config, self._prompt_read, self._finished, self._flush)
+
     def _fail_all(self) -> None:
         """End every live request with finish reason "error" (no state: the batch may be
         inconsistent after a failed iteration, so sessions keep their previous state)."""
@@ -280,14 +283,7 @@ class Engine:
                         self.consecutive_failures += 1
                         log.exception("engine iteration failed: its requests end with 'error'; batch reset")
                         self._fail_all()
-                        runner = self._runner = Runner(
-                            self.model,
-                            self.tokenizer,
-                            self.config,
-                            self._prompt_read,
-                            self._finished,
-                            self._flush,
-                        )
+                        runner = self._runner = self._new_runner()
                     self.iterations += 1
                 self._flush()
         except BaseException as exc:  # keep the error; end every request rather than hang clients
@@ -295,8 +291,7 @@ class Engine:
                 self.error = exc
                 self._stopping = True
                 inbox, self._inbox = self._inbox, []
-            for seq in [*self._seqs.values(), *inbox]:
-                if seq.finishing is None or seq.final_feed:
-                    rid = seq.request.request_id
-                    seq.emit(RequestOutput(rid, [], "", finished=True, finish_reason="error"))
+            for seq in inbox:
+                self._seqs[seq.request.request_id] = seq
+            self._fail_all()
             log.exception("engine loop failed; every request was ended (error) and submit now refuses")
