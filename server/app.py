@@ -18,41 +18,41 @@ log = logging.getLogger(__name__)
 
 
 class BodyLimit:
-    """413 for request bodies over `max_bytes` (pure ASGI, so streaming and disconnects pass through).
+    """413 for request bodies over their limit: `max_state_bytes` for state uploads
+    (`PUT .../state`), `max_bytes` for everything else (pure ASGI, so streaming and disconnects
+    pass through)."""
 
-    State uploads (`PUT .../state`) are bounded by their own, larger limit in their route.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_state_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_state_bytes = max_state_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["method"] not in ("POST", "PUT", "PATCH")
-            or scope["path"].endswith("/state")
-        ):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        n = headers.get(b"content-length")
-        limit = f"the limit of {self.max_bytes} bytes (RETSERVE_MAX_BODY_BYTES)"
+        if scope["path"].endswith("/state"):
+            max_bytes, what, setting = self.max_state_bytes, "the state blob", "RETSERVE_MAX_STATE_BYTES"
+        else:
+            max_bytes, what, setting = self.max_bytes, "the request body", "RETSERVE_MAX_BODY_BYTES"
+        limit = f"the limit of {max_bytes} bytes ({setting})"
+        n = dict(scope.get("headers") or []).get(b"content-length")
         if n is not None:
-            if not n.isdigit() or int(n) > self.max_bytes:
-                return await APIError(
-                    413, f"request body of {n.decode(errors='replace')} bytes exceeds {limit}"
-                ).response()(scope, receive, send)
+            if not n.isdigit() or int(n) > max_bytes:
+                msg = f"{what} of {n.decode(errors='replace')} bytes exceeds {limit}"
+                return await APIError(413, msg).response()(scope, receive, send)
             return await self.app(scope, receive, send)
-        body = b""  # chunked: read it here, bounded, then replay it to the app
+        parts, size = [], 0  # chunked: read it here, bounded, then replay it to the app
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
                 return None
-            body += msg.get("body", b"")
-            if len(body) > self.max_bytes:
-                return await APIError(413, f"request body exceeds {limit}").response()(scope, receive, send)
+            parts.append(msg.get("body", b""))
+            size += len(parts[-1])
+            if size > max_bytes:
+                return await APIError(413, f"{what} exceeds {limit}").response()(scope, receive, send)
             if not msg.get("more_body", False):
                 break
+        body = b"".join(parts)
         sent = False
 
         async def replay() -> Message:
@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.runtime = None
     install_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, max_state_bytes=settings.max_state_bytes)
     app.include_router(ops.router)
     app.include_router(openai.router)
     app.include_router(sessions.router)

@@ -1,9 +1,9 @@
 """One engine request as the HTTP layer runs it, with its session's lease, load and save.
 
-A `Generation` owns its engine request in a task of its own, so a client that goes away only aborts
-the request (the engine ends it within one iteration): the task still receives the final state,
-saves it to the session (exactly prompt + delivered tokens, the engine's final-state rule) and
-releases the session's lease.
+A `Generation` receives its engine outputs through a callback on the event loop, and handles the
+final one in a task of its own, so a client that goes away only aborts the request (the engine ends
+it within one iteration): that task still receives the final state, saves it to the session
+(exactly prompt + delivered tokens, the engine's final-state rule) and releases the session's lease.
 """
 
 from __future__ import annotations
@@ -151,9 +151,7 @@ class Generation:
         state = session.loaded.state if session is not None and session.loaded is not None else None
         self.request = EngineRequest(prompt_ids, params, state)
         self._queue: asyncio.Queue[RequestOutput | None] = asyncio.Queue()
-        self.final: RequestOutput | None = None
         self.save_error: APIError | None = None
-        self.saved_version: int | None = None
         self._keeper: asyncio.Task | None = None  # renews the session's lease while the request runs
 
     def start(self) -> None:
@@ -195,7 +193,6 @@ class Generation:
         if not out.finished:
             self._queue.put_nowait(out)
             return
-        self.final = out
         self._track(asyncio.get_running_loop().create_task(self._finish(out)))
 
     async def _finish(self, out: RequestOutput) -> None:
@@ -220,7 +217,7 @@ class Generation:
     async def _save(self, out: RequestOutput) -> None:
         assert self.session is not None
         try:
-            self.saved_version = await save_state(self.rt, self.session, out.state, create=self.create)
+            await save_state(self.rt, self.session, out.state, create=self.create)
         except APIError as e:
             self.save_error = e
             log.warning("could not save session %s: %s", self.session.session_id, e.message)
@@ -241,30 +238,14 @@ class Generation:
         self.rt.engine.abort(self.request.request_id)
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
-        """Every delta, the finished one last; the session is saved before the finished one is yielded."""
-        while True:
-            out = await self._queue.get()
-            if out is None:
-                return
-            yield out
-
-    async def merged_outputs(self) -> AsyncIterator[RequestOutput]:
-        """Like `outputs`, but deltas already waiting are merged into one (fewer, larger SSE chunks
-        when the client or the event loop falls behind the engine)."""
-        while True:
-            out = await self._queue.get()
-            if out is None:
-                return
-            done = False
+        """Every delta, the finished one last (after the session was saved). Deltas already waiting
+        are merged into one: fewer, larger SSE chunks when a client or the event loop falls behind."""
+        while (out := await self._queue.get()) is not None:
             while not out.finished and not self._queue.empty():
                 nxt = self._queue.get_nowait()
-                if nxt is None:
-                    done = True
-                    break
+                assert nxt is not None, "the end marker only ever follows the finished output"
                 out = merge_outputs(out, nxt)
             yield out
-            if done:
-                return
 
     async def result(self) -> Collected:
         """Wait for the whole completion (non-streaming responses)."""

@@ -104,18 +104,20 @@ def usage_json(out: RequestOutput) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def check_final(gen: Generation, out: RequestOutput) -> None:
-    """Non-streaming: errors the client must hear instead of a normal body."""
+def final_error(gen: Generation, out: RequestOutput) -> APIError | None:
+    """What the client must hear about a finished request instead of (or, in a stream, after) its
+    tokens: an abort, an engine failure, or a session state that could not be saved."""
     if out.finish_reason == "abort":
-        raise APIError(503, "the request was aborted (the server is shutting down); retry", code="aborted")
+        return APIError(503, "the request was aborted (the server is shutting down); retry", code="aborted")
     if out.finish_reason == "error":
-        raise APIError(500, ENGINE_ERROR, code="engine_error")
+        return APIError(500, ENGINE_ERROR, code="engine_error")
     if gen.save_error is not None:
-        raise APIError(
+        return APIError(
             gen.save_error.status,
             f"the completion finished but the session state was not saved: {gen.save_error.message}",
             code=gen.save_error.code,
         )
+    return None
 
 
 def sse(obj: dict | str) -> str:
@@ -139,7 +141,8 @@ async def final_result(gen: Generation, request: Request) -> tuple[Collected, Re
     finally:
         watcher.cancel()
     assert res.final is not None
-    check_final(gen, res.final)
+    if (err := final_error(gen, res.final)) is not None:
+        raise err
     return res, res.final
 
 
@@ -159,17 +162,13 @@ def stream_response(
     async def events() -> AsyncIterator[str]:
         finished = False
         try:
-            async for out in gen.merged_outputs():
+            async for out in gen.outputs():
                 for c in chunk(out):
                     yield sse(c)
                 if out.finished:
                     finished = True
-                    if out.finish_reason == "abort":
-                        yield sse(APIError(503, "the request was aborted (server shutting down)").body())
-                    elif out.finish_reason == "error":
-                        yield sse(APIError(500, ENGINE_ERROR, code="engine_error").body())
-                    elif gen.save_error is not None:
-                        yield sse(gen.save_error.body())
+                    if (err := final_error(gen, out)) is not None:
+                        yield sse(err.body())
                     if include_usage:
                         yield sse({**base, "choices": [], "usage": usage_json(out)})
             yield sse("[DONE]")

@@ -174,19 +174,8 @@ async def fork_session(
     h = await open_session(rt, tenant, session_id)
     try:
         assert h.loaded is not None
-        state = h.loaded.state
-        meta = h.loaded.meta
-        prov = Provenance(
-            primed_from=meta.provenance.primed_from,
-            merged_from=meta.provenance.merged_from,
-            token_dropping=meta.provenance.token_dropping,
-        )
-        try:
-            await rt.sessions.save(
-                tenant, new_id, state, provenance=prov, ttl=rt.settings.session_ttl_s, expected_version=0
-            )
-        except StateStoreError as e:
-            raise store_error(e, f"forking into {new_id!r}") from None
+        copy = SessionHandle(tenant, new_id, None, None, provenance=h.loaded.meta.provenance)
+        await save_state(rt, copy, h.loaded.state, create=True)  # a new session: 409 if the id is taken
     finally:
         await release(rt, h.lease)
     rt.metrics.sessions.labels(event="forked").inc()
@@ -217,27 +206,10 @@ async def export_state(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep) -
     )
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(
-            413, f"the state blob is {declared} bytes; the limit is {limit} (RETSERVE_MAX_STATE_BYTES)"
-        )
-    chunks, n = [], 0
-    async for part in request.stream():
-        n += len(part)
-        if n > limit:
-            raise APIError(
-                413, f"the state blob exceeds the limit of {limit} bytes (RETSERVE_MAX_STATE_BYTES)"
-            )
-        chunks.append(part)
-    return b"".join(chunks)
-
-
 @router.put("/{session_id}/state")
 async def import_state(session_id: SidPath, request: Request, rt: RuntimeDep, tenant: TenantDep) -> dict:
     """Import a blob exported by GET .../state (any server of the same checkpoint); fully validated."""
-    data = await _read_body(request, rt.settings.max_state_bytes)
+    data = await request.body()  # bounded by RETSERVE_MAX_STATE_BYTES (app.BodyLimit)
     if not data:
         raise APIError(400, "empty body: send the bytes of an exported state (application/octet-stream)")
     try:
