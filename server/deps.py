@@ -38,14 +38,16 @@ def get_tenant(request: Request, rt: RuntimeDep) -> str:
                 code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        tenant = bucket = None
-        for key, t in keys.items():  # constant-time compare against every key
-            if hmac.compare_digest(key.encode(), token.strip().encode()):
-                tenant, bucket = t, key  # the rate limit is per key
-        if tenant is None or bucket is None:
+        given = token.strip().encode()
+        bucket = None  # the rate limit is per key
+        for key in keys:  # constant-time compare against every key
+            if hmac.compare_digest(key.encode(), given):
+                bucket = key
+        if bucket is None:
             raise APIError(
                 401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
             )
+        tenant = keys[bucket]
     wait = rt.limiter.take(bucket)
     if wait > 0:
         raise APIError(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -28,12 +28,11 @@ FINISH_REASONS = {
 class _EngineCollector(Collector):
     """Live gauges read from the engine at scrape time."""
 
-    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        eng = self.engine()
-        load = eng.load() if eng is not None else {"requests": 0, "queued_prompt_tokens": 0, "rows": 0}
+        load = self.engine.load()
         rows = load["rows"]
         yield GaugeMetricFamily("retserve:num_requests_running", "Rows in the last decode batch.", value=rows)
         yield GaugeMetricFamily(
@@ -51,7 +50,7 @@ class _EngineCollector(Collector):
 class ServerMetrics:
     """One registry per app (so several apps can live in one process, as in tests)."""
 
-    def __init__(self, store_metrics: StoreMetrics | None, engine: Callable[[], Engine | None]) -> None:
+    def __init__(self, store_metrics: StoreMetrics | None, engine: Engine) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         p = "retserve:"
         self.ttft = Histogram(
@@ -100,12 +99,11 @@ class ServerMetrics:
             self.queue.observe(t.queue_s)
         if t.prefill_s is not None:
             self.prefill.observe(t.prefill_s)
-        if t.ttft_s is not None:
-            self.ttft.observe(t.ttft_s)
         for gap in t.inter_token_s:
             self.itl.observe(gap)
         if t.ttft_s is not None:
-            self.e2e.observe(t.ttft_s + sum(t.inter_token_s))
+            self.ttft.observe(t.ttft_s)
+            self.e2e.observe(t.ttft_s + sum(t.inter_token_s))  # arrival to the last token
 
     def observe_iterations(self, engine: Engine) -> None:
         """Batch sizes of the iterations run since the last call (called at scrape time)."""

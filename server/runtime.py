@@ -94,19 +94,18 @@ class Runtime:
         await self.store.close()
 
 
-def preflight(settings: Settings) -> None:
-    """Cheap checks before anything heavy starts: StartupError says which setting to fix."""
+def preflight(settings: Settings) -> torch.device:
+    """Cheap checks before anything heavy starts (StartupError says which setting to fix); the device."""
     if not (settings.model_path / "config.json").is_file():
         raise StartupError(
             f"RETSERVE_MODEL_PATH={settings.model_path} has no config.json: point it at a model directory"
             " (the shipped one is checkpoints/retserve-small)"
         )
-    pick_device(settings.device)
+    return pick_device(settings.device)
 
 
 def load_model(settings: Settings) -> tuple[RetNet, Tokenizer, str, torch.device]:
-    preflight(settings)
-    device = pick_device(settings.device)
+    device = preflight(settings)
     dtype = pick_dtype(settings.dtype, device)
     model = from_pretrained(settings.model_path).eval()  # float32 on CPU: the fingerprint's reference
     fingerprint = model_fingerprint(model)  # the same on every server of this checkpoint, any dtype
@@ -136,7 +135,7 @@ async def start_runtime(settings: Settings) -> Runtime:
             compile=settings.compile,
         ),
     )
-    metrics = ServerMetrics(store_metrics, lambda: engine)
+    metrics = ServerMetrics(store_metrics, engine)
     rt = Runtime(
         settings=settings,
         model=model,
