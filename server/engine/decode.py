@@ -25,7 +25,7 @@ from model.state import RetentionState
 log = logging.getLogger(__name__)
 
 # Small batches only: on the 2-core CPU box the compiled step is ~1.8x faster than eager at B=1 and
-# ~1.1x at B=8 but ~1.6x *slower* at B=32 (docs/benchmarks.md); larger batches run eagerly.
+# ~1.3x at B=8 but ~1.2x *slower* at B=32 (bench/bench_decode.py); larger batches run eagerly.
 DEFAULT_BUCKETS = (1, 2, 4, 8)
 
 # The model's lru_caches (decay rates, rotary frequencies) are pure functions of their arguments.
