@@ -33,6 +33,15 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+def _relative_imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [
+        f"{path.relative_to(ROOT)}:{node.lineno} from {'.' * node.level}{node.module or ''} import ..."
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level > 0
+    ]
+
+
 def _files(pkg: str) -> list[Path]:
     return sorted((ROOT / pkg).rglob("*.py"))
 
@@ -69,6 +78,24 @@ def test_engine_has_no_fastapi():
         if n.split(".")[0] in ("fastapi", "starlette", "uvicorn")
     ]
     assert not bad, "\n".join(bad)
+
+
+def test_engine_does_not_import_the_server():
+    """server/engine/ knows token ids and tensors only: no routes, settings, protocol models or app."""
+    bad = [
+        f"{f.relative_to(ROOT)} imports {n}"
+        for f in _files("server/engine")
+        for n in _imports(f)
+        if n.startswith("server.") and not n.startswith("server.engine")
+    ]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("pkg", (*PACKAGES, "tests", "bench"))
+def test_no_relative_imports(pkg):
+    """Absolute imports only: a module's dependencies are greppable and the layout checks above see them."""
+    bad = [line for f in _files(pkg) for line in _relative_imports(f)]
+    assert not bad, "use absolute imports:\n" + "\n".join(bad)
 
 
 def test_modules_stay_small():
