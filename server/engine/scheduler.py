@@ -27,7 +27,7 @@ from server.engine.types import EngineConfig, EngineRequest, RequestOutput, Requ
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: membership tests must never compare state tensors
 class Sequence:
     """The engine's runtime view of one request."""
 

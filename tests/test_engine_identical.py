@@ -1,0 +1,47 @@
+"""Engine regression: identical concurrent requests (same prompt, equal states, same params) in one
+iteration. Row membership used to go through dataclass equality, which compared state tensors and
+raised "Boolean value of Tensor ... is ambiguous": every request of the batch ended with "error"."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from server.engine import Engine, EngineConfig, EngineRequest, EngineSamplingParams
+from tests.test_engine_batching import TEXT, model, prefix_state, tok
+
+
+def test_identical_requests_in_one_iteration_all_finish_normally():
+    ids = tok().encode(TEXT)
+    base = prefix_state(ids[:12])
+    prompt = ids[12:30]
+
+    async def main():
+        eng = Engine(model(), tok(), EngineConfig(max_running=16), start=False)
+        try:
+            reqs = [
+                # equal but distinct state objects (what 8 sessions loaded from the store look like)
+                EngineRequest(list(prompt), EngineSamplingParams(temperature=0, max_tokens=6), base.clone())
+                for _ in range(8)
+            ]
+            streams = [eng.submit(r) for r in reqs]  # all queued before the loop starts: one iteration
+            eng.start()
+            results = await asyncio.gather(*(s.collect() for s in streams))
+            return results, list(eng.stats)
+        finally:
+            eng.shutdown()
+
+    results, stats = asyncio.run(main())
+    assert stats[0].prefill_rows == 8  # the eight prompts were read in the same iteration
+    assert max(s.decode_rows for s in stats) == 8  # ... and decoded as one batch
+    outs = [r[2] for r in results]
+    assert [o.finish_reason for o in outs] == ["length"] * 8
+    first_ids = results[0][0]
+    assert len(first_ids) == 6
+    assert all(r[0] == first_ids for r in results)
+    for o in outs[1:]:
+        assert o.state is not None and o.state.equal(outs[0].state)
+    # the request states were not changed in place by the engine
+    assert base.equal(prefix_state(ids[:12]))
+    torch.testing.assert_close(outs[0].state.position, base.position + len(prompt) + 6)
