@@ -90,6 +90,11 @@ class MultiScaleRetention(nn.Module):
         self.o_proj = nn.Linear(c.value_dim, c.hidden_size, bias=False)
         self.g_norm_swish_gate = RMSNormSwishGate(c.head_v_dim, eps=c.norm_eps)
 
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values before rotary: (B, T, H_kv, Dk) and (B, T, H_kv, Dv), x: (B, T, D)."""
+        B, T, _ = x.shape
+        return self.k_proj(x).view(B, T, -1, self.head_k_dim), self.v_proj(x).view(B, T, -1, self.head_v_dim)
+
     def forward(
         self,
         x: Tensor,  # (B, T, D)
@@ -99,22 +104,25 @@ class MultiScaleRetention(nn.Module):
         keep: Tensor | None,  # (B, T) bool
         mode: Mode,
         chunk_size: int,
+        decay_steps: Tensor | None = None,  # (B, T) int64: decay steps before each token (ops.py)
+        kv: tuple[Tensor, Tensor] | None = None,  # project_kv(x), when already computed
     ) -> tuple[Tensor, Tensor]:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_k_dim)
-        k = self.k_proj(x).view(B, T, -1, self.head_k_dim)
-        v = self.v_proj(x).view(B, T, -1, self.head_v_dim)
+        k, v = self.project_kv(x) if kv is None else kv
         q, k = rope.rotate(q), rope.rotate(k)
         if self.kv_groups > 1:  # GQA: each kv head serves kv_groups consecutive query heads
             k = k.repeat_interleave(self.kv_groups, dim=2)
             v = v.repeat_interleave(self.kv_groups, dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if mode == "recurrent":
-            o, state = recurrent_retention(q, k, v, state, True, mask, keep)
+            o, state = recurrent_retention(q, k, v, state, True, mask, keep, decay_steps=decay_steps)
         elif mode == "chunk":
-            o, state = chunk_retention(q, k, v, state, True, mask, keep, chunk_size=chunk_size)
+            o, state = chunk_retention(
+                q, k, v, state, True, mask, keep, chunk_size=chunk_size, decay_steps=decay_steps
+            )
         elif mode == "parallel":
-            o, state = parallel_retention(q, k, v, state, True, mask, keep)
+            o, state = parallel_retention(q, k, v, state, True, mask, keep, decay_steps=decay_steps)
         else:
             raise ValueError(f"mode must be 'parallel', 'chunk' or 'recurrent', got {mode!r}")
         g = self.g_proj(x).view(B, T, self.num_heads, self.head_v_dim)
@@ -153,8 +161,11 @@ class RetNetBlock(nn.Module):
         keep: Tensor | None,
         mode: Mode,
         chunk_size: int,
+        decay_steps: Tensor | None = None,
+        kv: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        h, state = self.attn(self.attn_norm(x), state, rope, mask, keep, mode, chunk_size)
+        """kv: the attention's project_kv(attn_norm(x)) when the caller already has it."""
+        h, state = self.attn(self.attn_norm(x), state, rope, mask, keep, mode, chunk_size, decay_steps, kv)
         x = x + h
         x = x + self.mlp(self.mlp_norm(x))
         return x, state

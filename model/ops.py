@@ -6,13 +6,17 @@ All forms compute, per head h with decay gamma_h = 1 - 2^(-5-h) and state S of s
 
 where m_t = mask[b, t] (0 for a pad: the step neither decays nor writes the state) and
 w_t = mask[b, t] & keep[b, t] (a dropped token still decays the state but writes nothing).
+`decay_steps` (B, T) int >= 0 generalises m_t to any number of decay steps before token t (times
+the mask: pads still take 0): a sequence compacted by removing tokens passes the real position gaps,
+p_t - p_{t-1}, and gets exactly the state of the full sequence with those tokens not written.
 With c_t = sum_{s<=t} m_s this unrolls to the parallel form
 
     o_i = sum_{j<=i} gamma^{c_i - c_j} w_j (q_i . k_j) v_j + gamma^{c_i} q_i S_0.
 
 `naive_retention` is the reference (a plain loop, float64); `parallel_retention`,
 `chunk_retention` and `recurrent_retention` are the fast paths tested against it.
-Shapes: q, k (B, H, T, Dk); v (B, H, T, Dv); states (B, H, Dk, Dv); mask, keep (B, T) bool.
+Shapes: q, k (B, H, T, Dk); v (B, H, T, Dv); states (B, H, Dk, Dv); mask, keep (B, T) bool;
+decay_steps (B, T) int64.
 Computation (and the state) is float32, or float64 when the inputs are float64; `o` is returned
 in the input dtype.
 """
@@ -64,8 +68,12 @@ def _prepare(
     mask: Tensor | None,
     keep: Tensor | None,
     scale: float | None,
+    decay_steps: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """Cast to the compute dtype, scale q, zero k where nothing is written; return (q, k, v, S0, steps)."""
+    """Cast to the compute dtype, scale q, zero k where nothing is written; return (q, k, v, S0, steps).
+
+    steps: None (every token takes one decay step), (B, T) bool (the mask) or (B, T) int64 (decay_steps
+    times the mask)."""
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     if k.shape != (B, H, T, Dk) or v.shape[:3] != (B, H, T):
@@ -83,7 +91,7 @@ def _prepare(
                 f"initial_state has shape {tuple(initial_state.shape)}, expected {(B, H, Dk, Dv)}"
             )
         s0 = initial_state.to(dt)
-    for name, m in (("mask", mask), ("keep", keep)):
+    for name, m in (("mask", mask), ("keep", keep), ("decay_steps", decay_steps)):
         if m is not None and m.shape != (B, T):
             raise ValueError(f"{name} has shape {tuple(m.shape)}, expected {(B, T)}")
     write = None
@@ -94,6 +102,12 @@ def _prepare(
     if write is not None:
         k = k * write[:, None, :, None].to(dt)
     steps = None if mask is None else mask.bool()
+    if decay_steps is not None:
+        if decay_steps.is_floating_point() or decay_steps.dtype == torch.bool:
+            raise ValueError(f"decay_steps must be an integer tensor, got {decay_steps.dtype}")
+        if decay_steps.numel() and int(decay_steps.min()) < 0:
+            raise ValueError("decay_steps must be >= 0 (the number of decay steps before each token)")
+        steps = decay_steps.long() if steps is None else decay_steps.long() * steps
     return q, k, v, s0, steps
 
 
@@ -106,6 +120,7 @@ def naive_retention(
     mask: Tensor | None = None,
     keep: Tensor | None = None,
     scale: float | None = None,
+    decay_steps: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Reference: the recurrence written out token by token, row by row, in float64."""
     B, H, T, Dk = q.shape
@@ -123,8 +138,9 @@ def naive_retention(
         for t in range(T):
             m = True if mask is None else bool(mask[b, t])
             w = m and (True if keep is None else bool(keep[b, t]))
-            if m:
-                S[b] = gamma[:, None, None] * S[b]
+            n = (1 if decay_steps is None else int(decay_steps[b, t])) if m else 0
+            if n:
+                S[b] = gamma[:, None, None] ** n * S[b]
             if w:
                 S[b] = S[b] + k[b, :, t, :, None].to(f64) * v[b, :, t, None, :].to(f64)
             o[b, :, t] = torch.einsum("hk,hkv->hv", q[b, :, t].to(f64) * scale, S[b])
@@ -180,10 +196,11 @@ def parallel_retention(
     mask: Tensor | None = None,
     keep: Tensor | None = None,
     scale: float | None = None,
+    decay_steps: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Parallel form O = (Q K^T ⊙ D) V + (Q ⊙ gamma^c) S_0 over the whole sequence (O(T^2) memory)."""
     in_dtype = q.dtype
-    q, k, v, s0, steps = _prepare(q, k, v, initial_state, mask, keep, scale)
+    q, k, v, s0, steps = _prepare(q, k, v, initial_state, mask, keep, scale, decay_steps)
     T = q.shape[2]
     if T == 0:
         return q.new_zeros(*q.shape[:3], v.shape[-1]).to(in_dtype), (s0 if output_final_state else None)
@@ -204,6 +221,7 @@ def chunk_retention(
     keep: Tensor | None = None,
     scale: float | None = None,
     chunk_size: int = 64,
+    decay_steps: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Chunkwise form: the parallel form inside chunks of `chunk_size`, the state carried between them.
 
@@ -213,7 +231,7 @@ def chunk_retention(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     in_dtype = q.dtype
-    q, k, v, s, steps = _prepare(q, k, v, initial_state, mask, keep, scale)
+    q, k, v, s, steps = _prepare(q, k, v, initial_state, mask, keep, scale, decay_steps)
     T = q.shape[2]
     log_gamma = retention_log_decay(q.shape[1], q.device)
     full_decay = None if steps is not None else _decay_block(log_gamma, None, min(chunk_size, T), q.dtype)
@@ -249,10 +267,11 @@ def recurrent_retention(
     mask: Tensor | None = None,
     keep: Tensor | None = None,
     scale: float | None = None,
+    decay_steps: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Recurrent form, one step at a time (the decode path; T is usually 1): O(1) work per token."""
     in_dtype = q.dtype
-    q, k, v, s, steps = _prepare(q, k, v, initial_state, mask, keep, scale)
+    q, k, v, s, steps = _prepare(q, k, v, initial_state, mask, keep, scale, decay_steps)
     B, H, T, _ = q.shape
     gamma = _gamma(H, q.dtype, q.device)  # (1, H, 1, 1)
     if T == 1 and steps is None:  # the decode step
@@ -262,8 +281,10 @@ def recurrent_retention(
     for t in range(T):
         if steps is None:
             decay = gamma
-        else:
+        elif steps.dtype == torch.bool:
             decay = torch.where(steps[:, t, None, None, None], gamma, torch.ones_like(gamma))  # (B, H, 1, 1)
+        else:
+            decay = gamma ** steps[:, t, None, None, None].to(gamma.dtype)  # (B, H, 1, 1)
         kv = k[:, :, t, :, None] * v[:, :, t, None, :]  # (B, H, Dk, Dv)
         s = decay * s + kv
         outs.append(torch.matmul(q[:, :, t, None, :], s))  # (B, H, 1, Dv)

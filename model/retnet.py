@@ -34,6 +34,8 @@ class RetNet(nn.Module):
       decays, later tokens keep their original positions).
     - `mode`: "parallel", "chunk", "recurrent", or "auto" (recurrent for T == 1, else chunk).
     - `logits_to_keep`: 0 = logits for every position, n > 0 = only for the last n positions.
+    - `keep_from_layer`: the layer from which `keep` applies (default 0: all layers); the keep-mask
+      form of `model.dropping.prefill_dropping`.
     """
 
     def __init__(self, config: RetNetConfig) -> None:
@@ -68,16 +70,10 @@ class RetNet(nn.Module):
         dt = torch.float64 if self.dtype == torch.float64 else torch.float32
         return RetentionState.empty(self.config, batch_size, device=self.device, dtype=dt)
 
-    def forward(
-        self,
-        input_ids: Tensor,  # (B, T) int64
-        state: RetentionState | None = None,
-        attention_mask: Tensor | None = None,  # (B, T), 1 = token, 0 = pad
-        keep: Tensor | None = None,  # (B, T) bool
-        mode: ForwardMode = "auto",
-        chunk_size: int = 64,
-        logits_to_keep: int = 0,
-    ) -> tuple[Tensor, RetentionState]:
+    def check_inputs(
+        self, input_ids: Tensor, state: RetentionState | None, attention_mask: Tensor | None
+    ) -> tuple[RetentionState, Tensor | None]:
+        """Validate a forward's inputs; return the state (a fresh one for None) and the bool mask."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -94,10 +90,35 @@ class RetNet(nn.Module):
                     f"attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}"
                 )
             mask = attention_mask.to(self.device).bool()
+        return state, mask
+
+    def rotary(self, positions: Tensor, dtype: torch.dtype) -> Rotary:
+        """Rotary tables for absolute token positions (B, T) int64."""
+        return Rotary(positions, self.config.head_k_dim, self.config.rope_theta, dtype)
+
+    def forward(
+        self,
+        input_ids: Tensor,  # (B, T) int64
+        state: RetentionState | None = None,
+        attention_mask: Tensor | None = None,  # (B, T), 1 = token, 0 = pad
+        keep: Tensor | None = None,  # (B, T) bool
+        mode: ForwardMode = "auto",
+        chunk_size: int = 64,
+        logits_to_keep: int = 0,
+        keep_from_layer: int = 0,
+    ) -> tuple[Tensor, RetentionState]:
+        """keep_from_layer: `keep` applies to layers >= keep_from_layer only (lower ones read every token)."""
+        state, mask = self.check_inputs(input_ids, state, attention_mask)
+        B, T = input_ids.shape
         if keep is not None:
             if keep.shape != (B, T):
                 raise ValueError(f"keep must have shape {(B, T)}, got {tuple(keep.shape)}")
             keep = keep.to(self.device).bool()
+        L = self.config.num_hidden_layers
+        if isinstance(keep_from_layer, bool) or not isinstance(keep_from_layer, int):
+            raise ValueError(f"keep_from_layer must be an integer, got {keep_from_layer!r}")
+        if not 0 <= keep_from_layer < L:
+            raise ValueError(f"keep_from_layer must be in [0, {L - 1}], got {keep_from_layer}")
         layer_mode: Mode
         if mode == "auto":
             layer_mode = "recurrent" if T == 1 else "chunk"
@@ -106,22 +127,28 @@ class RetNet(nn.Module):
         else:
             raise ValueError(f"mode must be 'auto', 'parallel', 'chunk' or 'recurrent', got {mode!r}")
 
-        start = state.position.to(self.device)  # (B,)
-        if mask is None:
-            positions = start[:, None] + torch.arange(T, device=self.device)  # (B, T)
-            new_position = start + T
-        else:
-            seen = mask.long().cumsum(-1)  # (B, T)
-            positions = start[:, None] + (seen - 1).clamp(min=0)
-            new_position = start + seen[:, -1] if T > 0 else start
-
+        positions, new_position = token_positions(state.position.to(self.device), mask, T)
         x = self.model.embeddings(input_ids)  # (B, T, D)
-        rope = Rotary(positions, self.config.head_k_dim, self.config.rope_theta, x.dtype)
+        rope = self.rotary(positions, x.dtype)
         new_layers = []
-        for layer, s in zip(self.model.layers, state.layers, strict=True):
-            x, s = layer(x, s, rope, mask, keep, layer_mode, chunk_size)
+        for i, (layer, s) in enumerate(zip(self.model.layers, state.layers, strict=True)):
+            layer_keep = keep if i >= keep_from_layer else None
+            x, s = layer(x, s, rope, mask, layer_keep, layer_mode, chunk_size)
             new_layers.append(s)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.model.norm(x))  # (B, T', V)
         return logits, RetentionState(new_layers, new_position, self.config)
+
+
+def token_positions(start: Tensor, mask: Tensor | None, T: int) -> tuple[Tensor, Tensor]:
+    """Absolute positions (B, T) of a block of T tokens read by rows at `start` (B,), and the new positions.
+
+    Pads (mask False) take their neighbour's position and do not advance the row.
+    """
+    if mask is None:
+        positions = start[:, None] + torch.arange(T, device=start.device)  # (B, T)
+        return positions, start + T
+    seen = mask.long().cumsum(-1)  # (B, T)
+    positions = start[:, None] + (seen - 1).clamp(min=0)
+    return positions, (start + seen[:, -1] if T > 0 else start)
