@@ -1,7 +1,9 @@
 """Session state store: a versioned safetensors codec for RetentionState, and async stores.
 
-- `StateCodec(config, fingerprint)`: `encode(state) -> bytes`, `decode(bytes) -> DecodedState`.
+- `StateCodec(config, fingerprint, bounds=state_bounds(model))`: `encode(state, logits=None) -> bytes`,
+  `decode(bytes) -> DecodedState` (state, meta, logits); checksummed, bounded, versioned.
 - `model_fingerprint(model)`: the config + weights hash a codec checks states against.
+- `state_bounds(model)`: how large the model's states and logits can get (the codec refuses more).
 - `MemoryStateStore()`: the embedded default (in-process LRU). `RedisStateStore.from_url(url)`:
   Redis or Redis Cluster. Both implement `StateStore` (get / put / delete / exists / list / touch /
   get_info, lease locks, optimistic versions) and count operations in `store.metrics`.
@@ -9,6 +11,7 @@
 """
 
 from state_store.base import EntryInfo, Lease, Page, StateStore, StoredState
+from state_store.bounds import StateBounds, StateBoundsError, state_bounds
 from state_store.codec import DecodedState, StateCodec, max_abs_error, max_rel_error
 from state_store.errors import (
     CorruptStateError,
@@ -26,7 +29,7 @@ from state_store.errors import (
     VersionConflictError,
 )
 from state_store.fingerprint import config_fingerprint, model_fingerprint
-from state_store.header import FORMAT_VERSION, Provenance, StateMeta
+from state_store.header import FORMAT_VERSION, MAX_POSITION, ChecksumError, Provenance, StateMeta
 from state_store.memory import MemoryStateStore
 from state_store.metrics import StoreMetrics, StoreMetricsCollector
 from state_store.redis_store import RedisStateStore
@@ -34,6 +37,8 @@ from state_store.sessions import LoadedState, SessionStates
 
 __all__ = [
     "FORMAT_VERSION",
+    "MAX_POSITION",
+    "ChecksumError",
     "CorruptStateError",
     "DecodedState",
     "EntryInfo",
@@ -49,6 +54,8 @@ __all__ = [
     "Provenance",
     "RedisStateStore",
     "SessionStates",
+    "StateBounds",
+    "StateBoundsError",
     "StateCodec",
     "StateCodecError",
     "StateFormatError",
@@ -66,4 +73,5 @@ __all__ = [
     "max_abs_error",
     "max_rel_error",
     "model_fingerprint",
+    "state_bounds",
 ]

@@ -1,17 +1,26 @@
 """RetentionState <-> bytes: a safetensors file with a versioned header. Never pickle.
 
-Layout (format version 1): tensors `layers.{i}` (B, H, head_k_dim, head_v_dim) in the storage dtype and
-`position` (B,) int64; the safetensors metadata key `retserve` holds the `StateMeta` JSON. With
-compression "zlib", the layers are instead one uint8 tensor `layers.zlib`: the layer bytes concatenated,
-byte-shuffled (byte k of every element together, which groups the exponent bytes) and zlib-compressed.
+Layout (format version 2): tensors `layers.{i}` (B, H, head_k_dim, head_v_dim) in the storage dtype,
+`position` (B,) int64 and, when saved, `logits` (B, vocab_size) float32 (the next-token logits: what
+the model gave after the last token the state read; always float32, whatever the storage dtype); the
+safetensors metadata key `retserve` holds the `StateMeta` JSON and `retserve_crc32` a CRC-32 of the
+whole blob (state_store/header.py). With compression "zlib", the layers are instead one uint8 tensor
+`layers.zlib`: the layer bytes concatenated, byte-shuffled (byte k of every element together, which
+groups the exponent bytes) and zlib-compressed.
 
 Storage in float32 (float64 for float64 states) is exact; bfloat16 / float16 are lossy and opt-in:
 every value is within its format's rounding error (2^-8 / 2^-11 relative); on a real `small` state
 that is a max error of 2.8e-3 / 3.6e-4 relative to the layer's largest value, and 3.3e-3 / 4.8e-4 on
 the next token's logits. zlib compression is exact but costs more CPU than it saves on a local or
 LAN Redis (figures in docs/benchmarks.md), so it is off by default.
-Decoding validates the framing, the header, the fingerprint, every shape and dtype against the model's
-config, the positions and finiteness, and raises a `StateCodecError` subclass saying what is wrong.
+Decoding validates the framing, the checksum, the header, the fingerprint, every shape and dtype
+against the model's config, the positions (0 <= p < 2^53), finiteness and, given the model's
+`StateBounds` (state_store/bounds.py), the magnitude of every head's state and of the logits, and
+raises a `StateCodecError` subclass saying what is wrong. Encoding refuses the same things, so a blob
+the codec writes is one it reads back, and a state it accepts can always be saved again.
+
+Version 1 blobs (before the checksum and logits) are still decoded, with every other check; a
+version 2 blob without its checksum is refused. Encoding always writes version 2.
 """
 
 from __future__ import annotations
@@ -28,16 +37,21 @@ from torch import Tensor
 
 from model.config import RetNetConfig
 from model.state import RetentionState, StateMismatchError
+from state_store.bounds import StateBounds
 from state_store.errors import CorruptStateError, ModelMismatchError, StateCodecError
 from state_store.fingerprint import check_fingerprint
 from state_store.header import (
+    CHECKSUM_KEY,
+    CHECKSUM_PLACEHOLDER,
     COMPRESSIONS,
+    MAX_POSITION,
     META_KEY,
     STORAGE_DTYPES,
     Frame,
     Provenance,
     StateMeta,
     read_meta,
+    seal,
 )
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -57,6 +71,7 @@ if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-e
 class DecodedState:
     state: RetentionState
     meta: StateMeta
+    logits: Tensor | None = None  # (B, V) float32 next-token logits; None when the blob has none
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -84,6 +99,8 @@ class StateCodec:
       copies (half the bytes; decoded states come back in the original dtype).
     - `compression`: "none" (default) or "zlib" (byte-shuffle + zlib at `compression_level`).
     - `max_batch`: decoding refuses states with more rows (bounds memory on hostile input).
+    - `bounds`: `state_bounds(model)`; states and logits beyond them are refused (encode and decode).
+      Without bounds only finiteness is checked.
     """
 
     def __init__(
@@ -95,6 +112,7 @@ class StateCodec:
         compression: str = "none",
         compression_level: int = 1,
         max_batch: int = DEFAULT_MAX_BATCH,
+        bounds: StateBounds | None = None,
     ) -> None:
         if not isinstance(config, RetNetConfig):
             raise TypeError(f"config must be a RetNetConfig, got {type(config).__name__}")
@@ -115,6 +133,13 @@ class StateCodec:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
+        if bounds is not None:
+            if not isinstance(bounds, StateBounds):
+                raise TypeError(
+                    f"bounds must be a StateBounds (state_bounds(model)), got {type(bounds).__name__}"
+                )
+            bounds.check_config(config)
+        self.bounds = bounds
 
     @staticmethod
     def _check_storage(storage_dtype: str | None) -> str | None:
@@ -140,8 +165,13 @@ class StateCodec:
         updated_at: float | None = None,
         storage_dtype: str | None = None,
         compression: str | None = None,
+        logits: Tensor | None = None,
     ) -> bytes:
-        """The state as bytes. `created_at` defaults to now (pass the old value when updating)."""
+        """The state as bytes. `created_at` defaults to now (pass the old value when updating).
+
+        `logits`: the next-token logits after the last token the state read, (B, vocab_size) (or
+        (vocab_size,) for a one-row state), any float dtype; stored as float32.
+        """
         if not isinstance(state, RetentionState):
             raise TypeError(f"encode takes a RetentionState, got {type(state).__name__}")
         try:
@@ -155,8 +185,13 @@ class StateCodec:
             )
         storage = self._check_storage(storage_dtype) or self.storage_dtype or state_dtype
         comp = self._check_compression(compression) if compression is not None else self.compression
-        layers = [t.detach().to("cpu") for t in state.layers]
-        for i, t in enumerate(layers):
+        position = state.position.detach().to("cpu", torch.long).contiguous()
+        self._check_positions(position, "cannot encode")
+        logits32 = None if logits is None else self._encode_logits(logits, state.batch_size)
+        sdt = TORCH_DTYPES[storage]
+        stored = []
+        for i, t in enumerate(state.layers):
+            t = t.detach().to("cpu")
             if not bool(torch.isfinite(t).all()):
                 raise CorruptStateError(f"cannot encode: layer {i} of the state has NaN or infinite values")
             if storage == "float16" and float(t.abs().max()) > _FP16_MAX:
@@ -164,9 +199,10 @@ class StateCodec:
                     f"cannot encode in float16: layer {i} has values beyond ±{_FP16_MAX:g};"
                     " use storage_dtype='bfloat16' (same size, float32's range)"
                 )
-        position = state.position.detach().to("cpu", torch.long).contiguous()
-        if bool((position < 0).any()):
-            raise CorruptStateError("cannot encode: a row has a negative position")
+            t = t.to(sdt).contiguous()
+            if self.bounds is not None:  # on the stored values: what decode will check
+                self.bounds.check_layer(i, t, "cannot encode")
+            stored.append(t)
         now = time.time()
         meta = StateMeta(
             fingerprint=self.fingerprint,
@@ -178,10 +214,11 @@ class StateCodec:
             updated_at=now if updated_at is None else float(updated_at),
             provenance=provenance or Provenance(),
             compression=comp,
+            logits=logits32 is not None,
         )
-        sdt = TORCH_DTYPES[storage]
-        stored = [t.to(sdt).contiguous() for t in layers]
         tensors: dict[str, Tensor] = {"position": position}
+        if logits32 is not None:
+            tensors["logits"] = logits32
         if comp == "zlib":
             itemsize = stored[0].element_size()
             raw = np.concatenate([t.reshape(-1).view(torch.uint8).numpy() for t in stored])
@@ -189,16 +226,56 @@ class StateCodec:
             tensors["layers.zlib"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
         else:
             tensors.update({f"layers.{i}": t for i, t in enumerate(stored)})
-        return st_save(tensors, metadata={META_KEY: meta.dumps(), "format": "pt"})
+        metadata = {META_KEY: meta.dumps(), "format": "pt", CHECKSUM_KEY: CHECKSUM_PLACEHOLDER}
+        return seal(st_save(tensors, metadata=metadata))
+
+    @staticmethod
+    def _check_positions(position: Tensor, what: str) -> None:
+        bad = (position < 0) | (position >= MAX_POSITION)  # (B,)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise CorruptStateError(
+                f"{what}: row {row} has position {int(position[row])}, outside 0 <= position < 2^53"
+                f" ({MAX_POSITION})"
+            )
+
+    def _encode_logits(self, logits: Tensor, batch: int) -> Tensor:
+        """Validate next-token logits for a `batch`-row state; (B, V) float32 on the CPU."""
+        if not isinstance(logits, Tensor):
+            raise TypeError(f"logits must be a torch.Tensor or None, got {type(logits).__name__}")
+        V = self.config.vocab_size
+        if logits.ndim == 1 and batch == 1:
+            logits = logits[None]  # (V,) -> (1, V)
+        if tuple(logits.shape) != (batch, V):
+            raise StateCodecError(
+                f"cannot encode: logits have shape {tuple(logits.shape)}; this state needs ({batch}, {V})"
+                f" (rows, vocab_size){' or (' + str(V) + ',)' if batch == 1 else ''}"
+            )
+        if not logits.is_floating_point():
+            raise StateCodecError(f"cannot encode: logits must be floating point, got {logits.dtype}")
+        out = logits.detach().to("cpu", torch.float32).contiguous()  # (B, V)
+        self._check_logits(out, "cannot encode")
+        return out
+
+    def _check_logits(self, logits: Tensor, what: str) -> None:
+        finite = torch.isfinite(logits).all(-1)  # (B,)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0, 0])
+            raise CorruptStateError(f"{what}: row {row} of the logits has NaN or infinite values")
+        if self.bounds is not None:
+            self.bounds.check_logits(logits, f"{what}: logits")
 
     # ---- decode -----------------------------------------------------------------------------
-    def read_meta(self, data: bytes | bytearray | memoryview) -> StateMeta:
-        """The header of an encoded state, checked against this model (no tensor is decoded)."""
-        meta, _ = self._meta_and_frame(data)
+    def read_meta(self, data: bytes | bytearray | memoryview, *, verify_checksum: bool = False) -> StateMeta:
+        """The header of an encoded state, checked against this model (no tensor is decoded; the
+        checksum, one pass over every byte, only with `verify_checksum`)."""
+        meta, _ = self._meta_and_frame(data, verify_checksum)
         return meta
 
-    def _meta_and_frame(self, data: bytes | bytearray | memoryview) -> tuple[StateMeta, Frame]:
-        meta, frame = read_meta(data)
+    def _meta_and_frame(
+        self, data: bytes | bytearray | memoryview, verify_checksum: bool
+    ) -> tuple[StateMeta, Frame]:
+        meta, frame = read_meta(data, verify_checksum=verify_checksum)
         if meta.config != self._config_dict:
             raise ModelMismatchError(
                 "the state belongs to a model of another shape "
@@ -218,7 +295,7 @@ class StateCodec:
 
     def decode(self, data: bytes | bytearray | memoryview) -> DecodedState:
         """Validate and decode; raises a StateCodecError subclass, never anything else on bad input."""
-        meta, frame = self._meta_and_frame(data)
+        meta, frame = self._meta_and_frame(data, True)
         buf = memoryview(data).cast("B") if not isinstance(data, bytes) else data
         B = meta.batch_size
         cfg = self.config
@@ -229,7 +306,7 @@ class StateCodec:
             if meta.compression == "zlib"
             else [f"layers.{i}" for i in range(cfg.num_hidden_layers)]
         )
-        want = {"position", *layer_names}
+        want = {"position", *layer_names, *(["logits"] if meta.logits else [])}
         if set(frame.tensors) != want:
             raise CorruptStateError(
                 f"the state's tensors {sorted(frame.tensors)} are not the expected {sorted(want)}"
@@ -242,6 +319,8 @@ class StateCodec:
         position = self._tensor(buf, frame, "position", torch.int64)
         if position.tolist() != list(meta.positions):
             raise CorruptStateError("the position tensor disagrees with the positions in the header")
+        self._check_positions(position, "the state")  # (also checked in the header)
+        logits = self._decode_logits(buf, frame, B) if meta.logits else None
         sdt = TORCH_DTYPES[meta.dtype]
         out_dt = TORCH_DTYPES[meta.state_dtype]
         if meta.compression == "zlib":
@@ -258,12 +337,23 @@ class StateCodec:
         for i, t in enumerate(layers):
             if not bool(torch.isfinite(t).all()):
                 raise CorruptStateError(f"layer {i} of the state has NaN or infinite values")
+            if self.bounds is not None:
+                self.bounds.check_layer(i, t, "the state")
         layers = [t.to(out_dt) for t in layers]
         try:
             state = RetentionState(layers, position, cfg)
         except StateMismatchError as e:  # pragma: no cover - checked above
             raise CorruptStateError(str(e)) from None
-        return DecodedState(state, meta)
+        return DecodedState(state, meta, logits)
+
+    def _decode_logits(self, buf: bytes | memoryview, frame: Frame, batch: int) -> Tensor:
+        e = frame.tensors["logits"]
+        want = (batch, self.config.vocab_size)
+        if e.dtype != "F32" or e.shape != want:
+            raise CorruptStateError(f"logits are {e.dtype} {e.shape}; this model's are F32 {want}")
+        logits = self._tensor(buf, frame, "logits", torch.float32)  # (B, V)
+        self._check_logits(logits, "the state")
+        return logits
 
     @staticmethod
     def _tensor(buf: bytes | memoryview, frame: Frame, name: str, dtype: torch.dtype) -> Tensor:

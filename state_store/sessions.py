@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from model.state import RetentionState
 from state_store.base import EntryInfo, Lease, StateStore
@@ -29,6 +30,7 @@ class LoadedState:
     state: RetentionState
     meta: StateMeta
     info: EntryInfo  # version (for an optimistic put), size, TTL left
+    logits: Tensor | None = None  # (B, V) float32 next-token logits saved with the state, or None
 
 
 class SessionStates:
@@ -50,13 +52,17 @@ class SessionStates:
         ttl: float | None = None,
         expected_version: int | None = None,
         lease: Lease | None = None,
+        logits: Tensor | None = None,
     ) -> int:
         """Encode with the codec's options and store; returns the new version.
 
         Pass the loaded `meta.created_at` when saving a resumed session, to keep its creation time.
+        `logits`: the next-token logits after the state's last token ((B, V) or (V,)), saved with it.
         """
         # encoding copies every tensor byte (~100 MB for a 1.3B model's state): off the event loop
-        encode = functools.partial(self.codec.encode, state, provenance=provenance, created_at=created_at)
+        encode = functools.partial(
+            self.codec.encode, state, provenance=provenance, created_at=created_at, logits=logits
+        )
         data = await asyncio.get_running_loop().run_in_executor(_codec_pool(), encode)
         return await self.store.put(
             namespace, session, data, ttl=ttl, expected_version=expected_version, lease=lease
@@ -68,7 +74,7 @@ class SessionStates:
         if stored is None:
             return None
         decoded = await self.decode(stored.data)
-        return LoadedState(decoded.state, decoded.meta, stored.info)
+        return LoadedState(decoded.state, decoded.meta, stored.info, decoded.logits)
 
     async def decode(self, data: bytes) -> DecodedState:
         """Validate and decode a blob (e.g. an uploaded one) in a codec worker thread."""

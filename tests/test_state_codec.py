@@ -77,7 +77,7 @@ def test_header_records_everything() -> None:
     codec = tiny_codec()
     data = codec.encode(tiny_state(), provenance=prov, created_at=1700000000.5, updated_at=1700000100.25)
     meta = codec.read_meta(data)  # without decoding tensors
-    assert meta.format_version == FORMAT_VERSION == 1
+    assert meta.format_version == FORMAT_VERSION == 2 and not meta.logits
     assert meta.fingerprint == tiny_fingerprint()
     assert meta.config == tiny_model().config.fingerprint_dict()
     assert (meta.dtype, meta.state_dtype, meta.compression) == ("float32", "float32", "none")
@@ -95,7 +95,7 @@ def test_encoded_state_is_plain_safetensors(tmp_path: Path) -> None:
     with safe_open(str(path), framework="pt") as f:
         assert sorted(f.keys()) == ["layers.0", "layers.1", "position"]
         header = json.loads(f.metadata()["retserve"])
-        assert header["format"] == "retserve-state" and header["version"] == 1
+        assert header["format"] == "retserve-state" and header["version"] == 2
         assert torch.equal(f.get_tensor("layers.1"), tiny_state().layers[1])
 
 

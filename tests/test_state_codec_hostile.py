@@ -30,7 +30,7 @@ from state_store import (
     StateVersionError,
     model_fingerprint,
 )
-from state_store.header import MAX_HEADER_BYTES
+from state_store.header import CHECKSUM_KEY, CHECKSUM_PLACEHOLDER, MAX_HEADER_BYTES, seal
 from tests.test_state_support import tiny_codec, tiny_state
 
 
@@ -48,7 +48,13 @@ def _parts(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _craft(meta: dict, tensors: dict[str, torch.Tensor]) -> bytes:
-    return st_save(tensors, metadata={"retserve": json.dumps(meta)})
+    """A blob with a valid checksum around crafted content (the checksum is not what is tested here;
+    framing seal() cannot parse is left unsealed: it is refused before any checksum is read)."""
+    blob = st_save(tensors, metadata={"retserve": json.dumps(meta), CHECKSUM_KEY: CHECKSUM_PLACEHOLDER})
+    try:
+        return seal(blob)
+    except StateCodecError:
+        return blob
 
 
 def _refused(data: bytes, codec: StateCodec | None = None) -> StateCodecError:
@@ -136,7 +142,7 @@ def test_crafted_headers_are_refused() -> None:
     def variant(**changes: object) -> dict:
         return {**meta, **changes}
 
-    assert isinstance(_refused(_craft(variant(version=2), tensors)), StateVersionError)
+    assert isinstance(_refused(_craft(variant(version=3), tensors)), StateVersionError)
     assert "format" in str(_refused(_craft(variant(format="other"), tensors)))
     assert "missing or unexpected" in str(_refused(_craft({**meta, "extra": 1}, tensors)))
     assert "dtype" in str(_refused(_craft(variant(dtype="int8"), tensors)))
