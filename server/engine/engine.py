@@ -21,24 +21,21 @@ import collections
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 
 import torch
 
 from model.retnet import RetNet
-from model.sampling import SamplingTensors, count_tokens
 from model.tokenizer import Tokenizer
-from server.engine.detokenizer import Detokenizer
-from server.engine.runner import Runner
-from server.engine.scheduler import Sequence
+from server.engine.intake import accept_request
+from server.engine.live import LiveRequest
+from server.engine.runner import BatchRunner
 from server.engine.types import (
     EngineConfig,
     EngineOverloaded,
     EngineRequest,
     IterationStats,
     RequestOutput,
-    RequestTimings,
     Usage,
 )
 
@@ -97,12 +94,12 @@ class Engine:
         self.iterations = 0  # iterations run (stats keeps only the last stats_history)
         self.consecutive_failures = 0  # iterations that raised since the last one that did not
         self._cond = threading.Condition()
-        self._inbox: list[Sequence] = []
+        self._inbox: list[LiveRequest] = []
         self._aborts: list[str] = []
         self._stopping = False
         self._in_engine = 0  # submitted and not finished
         self._queued_tokens = 0  # prompt tokens not yet read
-        self._seqs: dict[str, Sequence] = {}  # engine thread only
+        self._live: dict[str, LiveRequest] = {}  # engine thread only
         # outputs of the current iteration, per event loop (engine thread only): one wake-up per
         # loop and iteration instead of one per output
         self._outbox: dict[
@@ -124,59 +121,30 @@ class Engine:
     ) -> RequestStream:
         """Queue a request; its outputs arrive in the returned stream, or, with `sink`, are passed to
         `sink(output)` on the event loop instead (one task hop less per token; the stream is then
-        only for `abort`). Raises ValueError for a bad request, EngineOverloaded over the limits."""
-        params = request.params
-        params.validate_engine(self.model.config.vocab_size)
-        try:  # build this request's sampling row now: a failure here is the caller's 400, not the engine's
-            SamplingTensors.from_params([params], self.model.config.vocab_size, generators=[None])
-        except (ValueError, RuntimeError, OverflowError, TypeError) as e:
-            raise ValueError(f"these sampling parameters cannot be used: {e}") from None
-        n = len(request.prompt_ids)
-        if n == 0:
-            raise ValueError("a request needs at least one prompt token")
-        if min(request.prompt_ids) < 0 or max(request.prompt_ids) >= self.model.config.vocab_size:
-            raise ValueError("prompt token ids out of range")
-        if request.state is not None:
-            request.state.check(self.model.config)
-            if request.state.batch_size != 1:
-                raise ValueError("a request's state must have exactly one row")
-            want = self.model.empty_state(1)
-            if request.state.device != want.device or request.state.dtype != want.dtype:
-                request.state = request.state.to(want.device, want.dtype)
+        only for `abort`). Raises ValueError for a bad request (saying what to fix), EngineOverloaded
+        over the limits. A state or logits of another device / dtype are converted (not in place)."""
         loop = asyncio.get_running_loop()
         stream = RequestStream(self, request.request_id)
-
         put = sink or stream.queue.put_nowait
 
         def emit(out: RequestOutput) -> None:  # engine thread: delivered at the end of the iteration
             self._outbox.setdefault(loop, []).append((put, out))
 
-        seq = Sequence(
-            request=request,
-            detok=Detokenizer(self.tokenizer, params.stop, params.min_tokens),
-            generator=params.make_generator(),
-            timings=RequestTimings(arrival=time.perf_counter()),
-            emit=emit,
-            state=request.state,
-        )
-        if params.uses_penalties:
-            seq.counts = count_tokens([request.prompt_ids], self.model.config.vocab_size)[0]
+        live = accept_request(request, self.model, self.tokenizer, emit)
+        n = live.prompt_len
         c = self.config
         with self._cond:
             if self._stopping or self.error is not None:
-                raise EngineOverloaded("shutdown", "the engine is shutting down")
+                raise EngineOverloaded("the engine is shutting down")
             if self._in_engine >= c.max_running + c.max_waiting:
-                raise EngineOverloaded(
-                    "waiting_requests", f"{self._in_engine} requests in the engine (limit reached)"
-                )
+                raise EngineOverloaded(f"{self._in_engine} requests in the engine (limit reached)")
             if self._queued_tokens + n > c.max_queued_prompt_tokens:
                 raise EngineOverloaded(
-                    "queued_prompt_tokens",
-                    f"{self._queued_tokens} prompt tokens queued; {n} more exceed the limit",
+                    f"{self._queued_tokens} prompt tokens queued; {n} more exceed the limit"
                 )
             self._in_engine += 1
             self._queued_tokens += n
-            self._inbox.append(seq)
+            self._inbox.append(live)
             self._cond.notify()
         return stream
 
@@ -212,12 +180,12 @@ class Engine:
             }
 
     # ---- engine thread -------------------------------------------------------------------------
-    def _prompt_read(self, n: int) -> None:
+    def _unqueue_prompt_tokens(self, n: int) -> None:
         with self._cond:
             self._queued_tokens -= n
 
-    def _finished(self, seq: Sequence) -> None:
-        self._seqs.pop(seq.request.request_id, None)
+    def _released(self, live: LiveRequest) -> None:
+        self._live.pop(live.request.request_id, None)
         with self._cond:
             self._in_engine -= 1
 
@@ -235,24 +203,26 @@ class Engine:
         finally:
             self._flush()
 
-    def _new_runner(self) -> Runner:
-        return Runner(self.model, self.tokenizer, self.config, self._prompt_read, self._finished, self._flush)
+    def _new_runner(self) -> BatchRunner:
+        return BatchRunner(
+            self.model, self.tokenizer, self.config, self._unqueue_prompt_tokens, self._released, self._flush
+        )
 
     def _fail_all(self) -> None:
         """End every live request with finish reason "error" (no state: the batch may be
         inconsistent after a failed iteration, so sessions keep their previous state)."""
-        for seq in list(self._seqs.values()):  # every live request, wherever the failure left it
-            if seq.finishing is not None and not seq.final_feed:
+        for live in list(self._live.values()):  # every live request, wherever the failure left it
+            if live.finish_reason is not None and not live.absorb_last:
                 continue
-            if seq.prefilled < seq.prompt_len:
-                self._prompt_read(seq.prompt_len - seq.prefilled)
-            usage = Usage(seq.prompt_len, seq.detok.num_reported)
-            seq.emit(
+            if live.prefilled < live.prompt_len:
+                self._unqueue_prompt_tokens(live.prompt_len - live.prefilled)
+            usage = Usage(live.prompt_len, live.detok.num_reported, live.dropped)
+            live.emit(
                 RequestOutput(
-                    seq.request.request_id, [], "", finished=True, finish_reason="error", usage=usage
+                    live.request.request_id, [], "", finished=True, finish_reason="error", usage=usage
                 )
             )
-            self._finished(seq)
+            self._released(live)
 
     def _run(self) -> None:
         runner = self._runner
@@ -265,13 +235,13 @@ class Engine:
                     inbox, self._inbox = self._inbox, []
                     aborts, self._aborts = self._aborts, []
                     stopping = self._stopping
-                for seq in inbox:
-                    self._seqs[seq.request.request_id] = seq
-                    runner.sched.waiting.append(seq)
+                for live in inbox:
+                    self._live[live.request.request_id] = live
+                    runner.sched.waiting.append(live)
                 for rid in aborts:
-                    seq = self._seqs.get(rid)
-                    if seq is not None:
-                        runner.abort(seq)
+                    live = self._live.get(rid)
+                    if live is not None:
+                        runner.abort(live)
                 if stopping:
                     runner.abort_all()
                     return
@@ -291,7 +261,7 @@ class Engine:
                 self.error = exc
                 self._stopping = True
                 inbox, self._inbox = self._inbox, []
-            for seq in inbox:
-                self._seqs[seq.request.request_id] = seq
+            for live in inbox:
+                self._live[live.request.request_id] = live
             self._fail_all()
             log.exception("engine loop failed; every request was ended (error) and submit now refuses")

@@ -1,8 +1,11 @@
-"""Admission under limits, the per-iteration prefill plan, and per-request runtime state.
+"""Admission under limits and the per-iteration prefill plan.
 
 Life of a request: waiting -> prefilling (holds a row; its prompt is read in pieces that start and
 end at multiples of `prefill_chunk`, or at the prompt's end) -> running (one row of the batched
-recurrent step) -> finished.
+recurrent step) -> finished. A request with an empty prompt (it brings the logits of its state)
+skips prefilling: admitted, it is `ready` to join the batch in the same iteration.
+A request with a token-dropping policy is read whole, alone, in one iteration (its policy scores
+the whole prompt, so it cannot be split into pieces); requests behind it wait for the next one.
 Each iteration the scheduler admits waiting requests while rows are free, then plans prompt pieces
 in arrival order under a token budget that adapts to the load: `prefill_budget` (large: a long
 prompt is read in few big chunkwise passes) while no row is decoding, `prefill_budget_decoding`
@@ -15,48 +18,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
-from model.state import RetentionState
-from server.engine.detokenizer import Detokenizer
-from server.engine.types import EngineConfig, EngineRequest, RequestOutput, RequestTimings, TokenLogprob
+from server.engine.live import LiveRequest
+from server.engine.types import EngineConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)  # identity: membership tests must never compare state tensors
-class Sequence:
-    """The engine's runtime view of one request."""
-
-    request: EngineRequest
-    detok: Detokenizer
-    generator: torch.Generator | None
-    timings: RequestTimings
-    emit: Callable[[RequestOutput], None]  # thread-safe delivery to the request's stream
-    keep: torch.Tensor | None = None  # (T,) bool prompt keep mask
-    prefilled: int = 0  # prompt tokens read
-    state: RetentionState | None = None  # own state while prefilling (batch 1)
-    generated: list[int] = field(default_factory=list)
-    absorbed: int = 0  # generated tokens the state has read
-    snapshots: dict[int, RetentionState] = field(default_factory=dict)  # n absorbed -> row state
-    counts: torch.Tensor | None = None  # (V,) token counts for penalties
-    finishing: str | None = None  # finish reason once decided
-    final_feed: bool = False  # feed the last token once more, then finish
-    aborted: bool = False
-    last_token_time: float | None = None
-    prefill_start: float | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.request.prompt_ids)
-
-    @property
-    def remaining_prompt(self) -> int:
-        return self.prompt_len - self.prefilled
 
 
 class Scheduler:
@@ -64,55 +32,69 @@ class Scheduler:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.waiting: deque[Sequence] = deque()
-        self.prefilling: list[Sequence] = []
-        self.running: list[Sequence] = []  # in batch-row order
+        self.waiting: deque[LiveRequest] = deque()
+        self.prefilling: list[LiveRequest] = []
+        self.ready: list[LiveRequest] = []  # admitted with an empty prompt: join the batch this iteration
+        self.running: list[LiveRequest] = []  # in batch-row order
 
     @property
     def num_rows(self) -> int:
-        return len(self.prefilling) + len(self.running)
+        return len(self.prefilling) + len(self.ready) + len(self.running)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running)
+        return bool(self.waiting or self.prefilling or self.ready or self.running)
 
     def admit(self) -> None:
         while self.waiting and self.num_rows < self.config.max_running:
-            seq = self.waiting.popleft()
-            seq.timings.queue_s = time.perf_counter() - seq.timings.arrival
-            if self.config.keep_mask is not None:  # the token-dropping hook, on the engine thread
-                keep = self.config.keep_mask(seq.request, seq.request.prompt_ids)
-                seq.keep = None if keep is None else torch.as_tensor(keep).bool().reshape(-1)
-                if seq.keep is not None and seq.keep.numel() != seq.prompt_len:
-                    log.warning(
-                        "keep mask of %d entries for %d prompt tokens: ignored",
-                        seq.keep.numel(),
-                        seq.prompt_len,
-                    )
-                    seq.keep = None
-            self.prefilling.append(seq)
+            live = self.waiting.popleft()
+            live.timings.queue_s = time.perf_counter() - live.timings.arrival
+            if live.prompt_len == 0:
+                self.ready.append(live)
+                continue
+            if self.config.keep_mask is not None and live.request.dropping is None:
+                live.keep = self._keep_mask(live)
+            self.prefilling.append(live)
 
-    def plan_prefill(self) -> list[tuple[Sequence, int, int]]:
-        """(sequence, start, end) prompt pieces to read this iteration."""
-        plan: list[tuple[Sequence, int, int]] = []
+    def _keep_mask(self, live: LiveRequest) -> torch.Tensor | None:
+        """The `EngineConfig.keep_mask` hook's (T,) bool mask for this prompt (on the engine thread)."""
+        assert self.config.keep_mask is not None
+        keep = self.config.keep_mask(live.request, live.request.prompt_ids)
+        if keep is None:
+            return None
+        mask = torch.as_tensor(keep).bool().reshape(-1)  # (T,)
+        if mask.numel() != live.prompt_len:
+            log.warning(
+                "keep mask of %d entries for %d prompt tokens: ignored", mask.numel(), live.prompt_len
+            )
+            return None
+        return mask
+
+    def plan_prefill(self) -> list[tuple[LiveRequest, int, int]]:
+        """(request, start, end) prompt pieces to read this iteration, in arrival order.
+
+        A request with a dropping policy is planned alone and whole (first in line), or not at all.
+        """
+        plan: list[tuple[LiveRequest, int, int]] = []
         cfg = self.config
         budget = cfg.prefill_budget_decoding if self.running else cfg.prefill_budget
         c = cfg.prefill_chunk
-        for seq in self.prefilling:
-            start = seq.prefilled  # a multiple of c
-            end = seq.prompt_len if seq.prompt_len - start <= budget else (start + budget) // c * c
+        for live in self.prefilling:
+            if live.request.dropping is not None:
+                return plan or [(live, 0, live.prompt_len)]
+            start = live.prefilled  # a multiple of c
+            end = live.prompt_len if live.prompt_len - start <= budget else (start + budget) // c * c
             if end <= start:  # less than a segment of budget left
                 if plan:
                     break
-                end = min(seq.prompt_len, start + c)
-            plan.append((seq, start, end))
+                end = min(live.prompt_len, start + c)
+            plan.append((live, start, end))
             budget -= end - start
             if budget <= 0:
                 break
         return plan
 
-    def remove_queued(self, seq: Sequence) -> None:
-        """Drop a finished request from the waiting / prefilling queues (running rows leave on compaction)."""
-        if seq in self.prefilling:
-            self.prefilling.remove(seq)
-        if seq in self.waiting:
-            self.waiting.remove(seq)
+    def remove_queued(self, live: LiveRequest) -> None:
+        """Drop a finished request from the queues (running rows leave on compaction)."""
+        for queue in (self.prefilling, self.ready, self.waiting):
+            if live in queue:  # identity: LiveRequest has no field-wise equality
+                queue.remove(live)

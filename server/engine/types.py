@@ -5,12 +5,15 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from model.sampling import SamplingParams
 from model.state import RetentionState
+
+if TYPE_CHECKING:
+    from model.dropping import DropSpec
 
 FinishReason = Literal["length", "eos", "stop_token", "stop", "abort", "error"]  # error: engine failure
 
@@ -18,14 +21,7 @@ _ids = itertools.count()
 
 
 class EngineOverloaded(RuntimeError):
-    """`submit` refused a request because a limit is reached (the HTTP layer maps it to 429/503).
-
-    `limit` names the limit: "waiting_requests", "queued_prompt_tokens" or "shutdown".
-    """
-
-    def __init__(self, limit: str, message: str) -> None:
-        super().__init__(message)
-        self.limit = limit
+    """`submit` refused a request: a limit is reached or the engine is shutting down (HTTP 503)."""
 
 
 @dataclass
@@ -50,7 +46,12 @@ class EngineSamplingParams(SamplingParams):
     top_logprobs: int = 0
 
     def validate_engine(self, vocab_size: int) -> None:
+        """ValueError unless every parameter is usable (sampling and stopping options)."""
         self.validate(vocab_size)
+        self.validate_stopping(vocab_size)
+
+    def validate_stopping(self, vocab_size: int) -> None:
+        """ValueError unless the engine's own options (stopping, reporting) are usable."""
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise ValueError(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
@@ -63,20 +64,28 @@ class EngineSamplingParams(SamplingParams):
             raise ValueError(f"top_logprobs must be an integer in [0, 20], got {self.top_logprobs!r}")
 
 
-@dataclass
+@dataclass(eq=False)  # holds tensors: compared by identity, never field by field
 class EngineRequest:
-    """One generation: prompt ids read on top of `state` (None = a fresh sequence)."""
+    """One generation: prompt ids read on top of `state` (None = a fresh sequence).
+
+    - `dropping`: read the whole prompt at once with a token-dropping policy (`model.dropping`).
+    - `logits`: (V,) next-token logits that belong to `state` (a final output's `logits`): with an
+      empty `prompt_ids`, the first token is sampled from them and no prompt is read.
+    """
 
     prompt_ids: list[int]
     params: EngineSamplingParams = field(default_factory=EngineSamplingParams)
     state: RetentionState | None = None
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    dropping: DropSpec | None = None
+    logits: torch.Tensor | None = None  # (V,)
 
 
 @dataclass
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    dropped_tokens: int = 0  # prompt tokens a dropping policy left out of the state
 
 
 @dataclass
@@ -97,13 +106,14 @@ class RequestTimings:
     inter_token_s: list[float] = field(default_factory=list)  # gaps between sampled tokens
 
 
-@dataclass
+@dataclass(eq=False)  # holds tensors: compared by identity, never field by field
 class RequestOutput:
     """A delta: tokens and text reported since the previous output of the same request.
 
-    The last output has `finished` True, a `finish_reason`, `usage` and `state`: the state after
-    reading the prompt plus every token ever reported (None if the request was aborted before its
-    prompt was fully read).
+    The last output has `finished` True, a `finish_reason`, `usage`, `state`: the state after
+    reading the prompt plus every token ever reported, and `logits`: the (V,) float32 CPU
+    next-token logits of that state (both None if the request was aborted before its prompt was
+    fully read, or ended with "error").
     """
 
     request_id: str
@@ -115,6 +125,7 @@ class RequestOutput:
     usage: Usage | None = None
     state: RetentionState | None = None
     timings: RequestTimings | None = None
+    logits: torch.Tensor | None = None  # (V,) float32 CPU, final output only
 
 
 @dataclass
