@@ -1,4 +1,9 @@
-"""`python -m training <command>`: prepare, train-tokenizer, tokenize, train, eval, export, compare."""
+"""`python -m training <command>`: prepare, train-tokenizer, tokenize, train, eval, export, compare.
+
+Every path given on the command line (or taken from a default, or from a training config) is made
+absolute here, once, against the working directory the command was started in; nothing after this
+boundary depends on the process's working directory.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,18 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
-DEFAULT_CACHE = Path("data/cache")
-DEFAULT_CORPUS = Path("data/builtin")
-DEFAULT_TOKENIZER = Path("data/tokenizer")
+from training.config import absolute_path
+
+# Relative to the working directory; argparse passes string defaults through `type` (absolute_path).
+DEFAULT_CACHE = "data/cache"
+DEFAULT_CORPUS = "data/builtin"
+DEFAULT_TOKENIZER = "data/tokenizer"
+
+
+def absolute_pattern(pattern: str) -> str:
+    """A file glob made absolute against the working directory (``**`` and ``*`` are kept)."""
+    return os.fspath(absolute_path(pattern))
 
 
 def _print(obj: object) -> None:
@@ -47,10 +59,10 @@ def cmd_tokenize(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from training.config import TrainConfig, parse_overrides
+    from training.config import TrainConfig, config_path, parse_overrides
     from training.train import train
 
-    cfg = TrainConfig.from_yaml(a.config, parse_overrides(a.set))
+    cfg = TrainConfig.from_yaml(config_path(a.config), parse_overrides(a.set)).resolved()
     last = train(cfg, resume=a.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         _print({k: v for k, v in last.items() if k != "sample"})
@@ -74,13 +86,14 @@ def cmd_eval(a: argparse.Namespace) -> None:
 def cmd_export(a: argparse.Namespace) -> None:
     from training.export import export_run
 
-    _print(export_run(a.run, a.out, dtype=a.dtype, command=a.command))
+    _print(export_run(a.run, a.out, dtype=a.dtype, command=a.command, eval_batches=a.eval_batches))
 
 
 def cmd_compare(a: argparse.Namespace) -> None:
     from training.compare import run_comparison
+    from training.config import config_path
 
-    _print(run_comparison(a.config, Path(a.out_dir), Path(a.docs), steps=a.steps, contexts=a.contexts))
+    _print(run_comparison(config_path(a.config), a.out_dir, a.docs, steps=a.steps, contexts=a.contexts))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,25 +102,25 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("prepare", help="assemble a text corpus (train.jsonl, val.jsonl, manifest.json)")
     p.add_argument("source", choices=["builtin", "files", "fineweb"])
-    p.add_argument("--out", type=Path, default=DEFAULT_CORPUS)
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
-    p.add_argument("--pattern", help="glob of input files (files, fineweb)")
+    p.add_argument("--out", type=absolute_path, default=DEFAULT_CORPUS)
+    p.add_argument("--cache-dir", type=absolute_path, default=DEFAULT_CACHE)
+    p.add_argument("--pattern", type=absolute_pattern, help="glob of input files (files, fineweb)")
     p.add_argument("--val-fraction", type=float, default=0.02)
     p.add_argument("--max-docs", type=int, default=None)
     p.add_argument("--force", action="store_true", help="download again")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE and write it in tiktoken format")
-    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
-    p.add_argument("--out", type=Path, default=DEFAULT_TOKENIZER)
+    p.add_argument("--corpus", type=absolute_path, default=DEFAULT_CORPUS)
+    p.add_argument("--out", type=absolute_path, default=DEFAULT_TOKENIZER)
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--max-chars", type=int, default=None)
     p.set_defaults(func=cmd_train_tokenizer)
 
     p = sub.add_parser("tokenize", help="tokenize a prepared corpus into uint16 memmap shards")
-    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
-    p.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
-    p.add_argument("--out", type=Path, default=None, help="default: <corpus>/tokens")
+    p.add_argument("--corpus", type=absolute_path, default=DEFAULT_CORPUS)
+    p.add_argument("--tokenizer", type=absolute_path, default=DEFAULT_TOKENIZER)
+    p.add_argument("--out", type=absolute_path, default=None, help="default: <corpus>/tokens")
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("train", help="train a model (torchrun for several processes)")
@@ -117,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="validation loss of a model directory")
-    p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--data", type=Path, default=DEFAULT_CORPUS / "tokens")
+    p.add_argument("--model", type=absolute_path, required=True)
+    p.add_argument("--data", type=absolute_path, default=f"{DEFAULT_CORPUS}/tokens")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
@@ -127,16 +140,22 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="ship a finished run: half-precision weights, tokenizer, model card")
-    p.add_argument("--run", type=Path, default=Path("runs/small"))
-    p.add_argument("--out", type=Path, default=Path("checkpoints/retserve-small"))
+    p.add_argument("--run", type=absolute_path, default="runs/small")
+    p.add_argument("--out", type=absolute_path, default="checkpoints/retserve-small")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--command", default=None, help="the training command to record in the model card")
+    p.add_argument(
+        "--eval-batches",
+        type=int,
+        default=None,
+        help="validation batches to measure (default: the whole split)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compare", help="RetNet vs Transformer baseline: loss curves and decode cost")
     p.add_argument("--config", default="compare")
-    p.add_argument("--out-dir", default="runs/compare")
-    p.add_argument("--docs", default="docs")
+    p.add_argument("--out-dir", type=absolute_path, default="runs/compare")
+    p.add_argument("--docs", type=absolute_path, default="docs")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--contexts", type=int, nargs="*", default=[128, 512, 2048, 8192])
     p.set_defaults(func=cmd_compare)

@@ -19,7 +19,7 @@ from torch import nn
 from model.checkpoint import from_pretrained, load_baseline
 from model.retnet import RetNet
 from model.transformer import GPTBaseline, KVCache
-from training.config import TrainConfig
+from training.config import TrainConfig, absolute_path
 from training.train import train
 
 
@@ -89,10 +89,15 @@ def _plot(curves: dict[str, Any], decode: dict[str, dict[int, float]], path: Pat
 
 
 def run_comparison(
-    config: str, out_dir: Path, docs: Path, steps: int | None = None, contexts: list[int] | None = None
+    config: str | Path, out_dir: Path, docs: Path, steps: int | None = None, contexts: list[int] | None = None
 ) -> dict[str, Any]:
+    """Train both architectures on ``config`` and write the table and plot into ``docs``.
+
+    Relative paths (the arguments and the config's directories) are taken below the working directory.
+    """
     contexts = contexts or [128, 512, 2048, 8192]
-    base = TrainConfig.from_yaml(config)
+    base = TrainConfig.from_yaml(config).resolved()
+    out_dir, docs = absolute_path(out_dir), absolute_path(docs)
     results: dict[str, Any] = {"config": base.to_dict(), "archs": {}}
     curves: dict[str, Any] = {}
     decode: dict[str, dict[int, float]] = {}

