@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from server.engine import EngineSamplingParams
 
-SessionId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.@+=~-]{1,128}$")]
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_.@+=~-]{1,128}$"  # request bodies and the /v1/sessions/{id} paths
+SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN)]
 
 
 class StrictModel(BaseModel):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -15,6 +17,7 @@ from model.tokenizer import Tokenizer
 from server.engine import Engine, EngineConfig, EngineRequest, EngineSamplingParams
 from server.metrics import ServerMetrics
 from server.ratelimit import RateLimiter
+from server.session_service import SessionService
 from server.settings import Settings
 from state_store import (
     MemoryStateStore,
@@ -73,25 +76,45 @@ class Runtime:
     fingerprint: str
     engine: Engine
     store: StateStore
-    sessions: SessionStates
+    states: SessionStates
+    sessions: SessionService
     metrics: ServerMetrics
     limiter: RateLimiter
     device: torch.device
     started_at: float = field(default_factory=time.time)
+    tasks: set[asyncio.Task] = field(default_factory=set)  # running background work of this app
+    releaser: asyncio.Task | None = field(default=None, init=False)  # SessionService.retry_releases
 
     @property
     def model_name(self) -> str:
         return self.settings.served_model_name
 
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task:
+        """Run `coro` as a task this runtime keeps a reference to (and waits for at shutdown)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
     async def close(self) -> None:
         """Stop the engine (every request ends as "abort" with its final state), let the running
-        generations save their sessions, then close the store."""
-        from server.generation import Generation  # generation imports this module
-
+        generations save their sessions (up to RETSERVE_SHUTDOWN_TIMEOUT_S), release what leases
+        the store will take, then close the store."""
         await asyncio.to_thread(self.engine.shutdown)
         await asyncio.sleep(0)  # let the final outputs delivered by the engine thread start their saves
-        await Generation.wait_all(timeout=10.0)
+        running = self.tasks - {self.releaser}
+        if running:
+            await asyncio.wait(running, timeout=self.settings.shutdown_timeout_s)
+        left = list(self.tasks)
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        await self.sessions.flush_releases()
         await self.store.close()
+
+    def start_background(self) -> None:
+        """The lease-release retries (see SessionService.retry_releases)."""
+        self.releaser = self.spawn(self.sessions.retry_releases())
 
 
 def preflight(settings: Settings) -> torch.device:
@@ -136,6 +159,7 @@ async def start_runtime(settings: Settings) -> Runtime:
         ),
     )
     metrics = ServerMetrics(store_metrics, engine)
+    states = SessionStates(store, StateCodec(model.config, fingerprint))
     rt = Runtime(
         settings=settings,
         model=model,
@@ -143,11 +167,13 @@ async def start_runtime(settings: Settings) -> Runtime:
         fingerprint=fingerprint,
         engine=engine,
         store=store,
-        sessions=SessionStates(store, StateCodec(model.config, fingerprint)),
+        states=states,
+        sessions=SessionService(states, settings, metrics),
         metrics=metrics,
         limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
         device=device,
     )
+    rt.start_background()
     # warm-up: one short request through the whole engine path
     ids = tokenizer.encode("Hello")
     await engine.submit(EngineRequest(ids, EngineSamplingParams(temperature=0, max_tokens=2))).collect()

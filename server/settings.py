@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,10 @@ class Settings(BaseSettings):
     store_url: str = "memory://"  # memory:// (embedded), redis://host:6379/0, redis+cluster://host:7000
     store_memory_bytes: int = Field(1 << 30, ge=1 << 20)  # memory store capacity (LRU beyond it)
     session_ttl_s: float | None = Field(7 * 86400.0, gt=0)  # idle sessions expire; None = never
-    session_lock_ttl_s: float = Field(60.0, gt=0)  # a request's lease on its session, renewed while it runs
+    # a request's lease on its session: short, so a dead server's leases expire within seconds; renewed
+    # every session_lock_renew_s while the request runs
+    session_lock_ttl_s: float = Field(5.0, gt=0)
+    session_lock_renew_s: float = Field(1.5, gt=0)
 
     # auth and limits
     api_keys: dict[str, str] = {}  # {"api key": "tenant"}; empty = no auth, one tenant "default"
@@ -71,6 +74,15 @@ class Settings(BaseSettings):
         if not v.startswith(("memory://", "redis://", "rediss://", "redis+cluster://", "rediss+cluster://")):
             raise ValueError("store_url must start with memory://, redis://, rediss:// or redis+cluster://")
         return v
+
+    @model_validator(mode="after")
+    def _check_lease_renewal(self) -> Settings:
+        if self.session_lock_renew_s >= self.session_lock_ttl_s:
+            raise ValueError(
+                f"session_lock_renew_s ({self.session_lock_renew_s}) must be shorter than session_lock_ttl_s"
+                f" ({self.session_lock_ttl_s}), or leases expire between renewals"
+            )
+        return self
 
     @property
     def served_model_name(self) -> str:

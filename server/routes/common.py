@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from server.engine import EngineSamplingParams, RequestOutput
 from server.errors import APIError
-from server.generation import Collected, Generation, SessionHandle, open_session
+from server.generation import Collected, Generation, SessionTarget
 from server.metrics import FINISH_REASONS
 from server.protocol import SamplingFields, StreamOptions
 from server.runtime import Runtime
@@ -85,12 +85,11 @@ def sampling_params(
 async def start_generation(
     rt: Runtime, tenant: str, session_id: str | None, ids: list[int], params: EngineSamplingParams
 ) -> Generation:
-    session: SessionHandle | None = None
+    """A started generation, continuing `session_id` when given (APIError if it could not start)."""
+    gen = Generation(rt, ids, params, SessionTarget(tenant, session_id) if session_id is not None else None)
+    await gen.start()
     if session_id is not None:
-        session = await open_session(rt, tenant, session_id)
         rt.metrics.sessions.labels(event="resumed").inc()
-    gen = Generation(rt, ids, params, session)
-    gen.start()
     return gen
 
 

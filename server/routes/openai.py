@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from server.chat import CHAT_STOP, render_chat
 from server.deps import RuntimeDep, TenantDep
 from server.engine import RequestOutput, TokenLogprob
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.protocol import ChatCompletionRequest, CompletionRequest, SessionGenerate
 from server.routes.common import (
     check_model,
     encode_prompt,
@@ -67,8 +67,15 @@ def chat_logprobs(rt: Runtime, lps: list[TokenLogprob] | None) -> dict | None:
     }
 
 
-@router.post("/completions")
-async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep, tenant: TenantDep):
+async def serve_completion(
+    body: CompletionRequest | SessionGenerate,
+    request: Request,
+    rt: Runtime,
+    tenant: str,
+    session_id: str | None,
+):
+    """A completion (streamed or not), continuing `session_id`'s state when given: what both
+    /v1/completions and /v1/sessions/{id}/generate serve."""
     check_model(rt, body.model)
     ids = await encode_prompt(rt, body.prompt)
     n_lp = body.logprobs
@@ -80,8 +87,8 @@ async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep,
         logprobs=n_lp is not None,
         top_logprobs=n_lp or 0,
     )
-    gen = await start_generation(rt, tenant, body.session_id, ids, params)
-    base = response_base(rt, "cmpl-", "text_completion", body.session_id)
+    gen = await start_generation(rt, tenant, session_id, ids, params)
+    base = response_base(rt, "cmpl-", "text_completion", session_id)
 
     if body.stream:
         offset = 0
@@ -110,6 +117,28 @@ async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep,
     }
 
 
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep, tenant: TenantDep):
+    return await serve_completion(body, request, rt, tenant, body.session_id)
+
+
+def chat_chunks(rt: Runtime, base: dict, out: RequestOutput, first: bool) -> list[dict]:
+    """The SSE chunks of one engine delta: the assistant role first, then content, then the finish."""
+
+    def choice(delta: dict, logprobs: dict | None = None, reason: str | None = None) -> dict:
+        return {
+            **base,
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}],
+        }
+
+    chunks = [choice({"role": "assistant", "content": ""})] if first else []
+    if out.text or out.token_ids:
+        chunks.append(choice({"content": out.text}, chat_logprobs(rt, out.logprobs)))
+    if out.finished:
+        chunks.append(choice({}, None, finish_reason(out)))
+    return chunks
+
+
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, rt: RuntimeDep, tenant: TenantDep):
     check_model(rt, body.model)
@@ -128,60 +157,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
     base = response_base(rt, "chatcmpl-", "chat.completion.chunk", body.session_id)
 
     if body.stream:
-        first = True
+        sent = 0
 
         def chunk(out: RequestOutput) -> list[dict]:
-            nonlocal first
-            chunks = []
-            if first:
-                first = False
-                delta0 = {"role": "assistant", "content": ""}
-                chunks.append(
-                    {
-                        **base,
-                        "choices": [{"index": 0, "delta": delta0, "logprobs": None, "finish_reason": None}],
-                    }
-                )
-            if out.text or out.token_ids:
-                chunks.append(
-                    {
-                        **base,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "delta": {"content": out.text},
-                                "logprobs": chat_logprobs(rt, out.logprobs),
-                                "finish_reason": None,
-                            }
-                        ],
-                    }
-                )
-            if out.finished:
-                chunks.append(
-                    {
-                        **base,
-                        "choices": [
-                            {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason(out)}
-                        ],
-                    }
-                )
-            return chunks
+            nonlocal sent
+            sent += 1
+            return chat_chunks(rt, base, out, first=sent == 1)
 
         return stream_response(gen, chunk, base, body.stream_options)
 
     res, out = await final_result(gen, request)
-    text = res.text
     lps = chat_logprobs(rt, res.logprobs) if body.logprobs else None
+    message = {"role": "assistant", "content": res.text}
     return {
         **base,
         "object": "chat.completion",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": lps,
-                "finish_reason": finish_reason(out),
-            }
-        ],
+        "choices": [{"index": 0, "message": message, "logprobs": lps, "finish_reason": finish_reason(out)}],
         "usage": usage_json(out),
     }

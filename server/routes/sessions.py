@@ -1,8 +1,8 @@
 """The sessions API: create (optionally primed), get, list, delete, prime, generate, fork, export, import.
 
 Sessions live in the caller's tenant namespace: another tenant's session is simply not found (404).
-Every operation that reads or writes a session's state holds its lease; a second concurrent one
-gets 409.
+Every operation that reads or writes a session's state holds its lease (`rt.sessions.lease`); a
+second concurrent one gets 409.
 """
 
 from __future__ import annotations
@@ -15,24 +15,16 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from server.deps import RuntimeDep, TenantDep
 from server.engine import EngineSamplingParams
 from server.errors import APIError
-from server.generation import (
-    Generation,
-    SessionHandle,
-    new_session_id,
-    open_session,
-    release,
-    save_state,
-    store_error,
-    take_lease,
-)
-from server.protocol import CompletionRequest, SessionCreate, SessionFork, SessionGenerate, SessionPrime
+from server.generation import Generation, SessionTarget, session_exists
+from server.protocol import SESSION_ID_PATTERN, SessionCreate, SessionFork, SessionGenerate, SessionPrime
 from server.routes.common import encode_prompt, final_result
-from server.routes.openai import completions
+from server.routes.openai import serve_completion
 from server.runtime import Runtime
+from server.session_service import new_session_id, session_not_found, store_error
 from state_store import EntryInfo, Provenance, StateCodecError, StateStoreError, ValueTooLargeError
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
-SidPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.@+=~-]{1,128}$", description="session id")]
+SidPath = Annotated[str, Path(pattern=SESSION_ID_PATTERN, description="session id")]
 
 
 def session_json(rt: Runtime, info: EntryInfo) -> dict:
@@ -54,25 +46,19 @@ def session_json(rt: Runtime, info: EntryInfo) -> dict:
 
 
 async def _info(rt: Runtime, tenant: str, sid: str) -> dict:
-    try:
-        info = await rt.sessions.info(tenant, sid)
-    except StateStoreError as e:
-        raise store_error(e, f"session {sid!r}") from None
-    if info is None:
-        raise APIError(404, f"session {sid!r} not found", code="session_not_found")
-    return session_json(rt, info)
+    return session_json(rt, await rt.sessions.info(tenant, sid))
 
 
 def _digest(ids: list[int]) -> str:
     return "blake2b:" + hashlib.blake2b(repr(ids).encode(), digest_size=16).hexdigest()
 
 
-async def _read(rt: Runtime, request: Request, h: SessionHandle, ids: list[int], create: bool) -> None:
-    """Read `ids` into the session's state (max_tokens=0) and save it; releases the lease.
+async def _read(rt: Runtime, request: Request, target: SessionTarget, ids: list[int]) -> None:
+    """Read `ids` into the session's state (max_tokens=0) and save it, under its lease.
 
     A client that disconnects first aborts the read: the session stays as it was."""
-    gen = Generation(rt, ids, EngineSamplingParams(temperature=0, max_tokens=0), h, create=create)
-    gen.start()
+    gen = Generation(rt, ids, EngineSamplingParams(temperature=0, max_tokens=0), target)
+    await gen.start()
     await final_result(gen, request)
 
 
@@ -80,24 +66,15 @@ async def _read(rt: Runtime, request: Request, h: SessionHandle, ids: list[int],
 async def create_session(body: SessionCreate, request: Request, rt: RuntimeDep, tenant: TenantDep) -> dict:
     sid = body.session_id or new_session_id()
     ids = await encode_prompt(rt, body.prompt) if body.prompt is not None else []
-    h = await open_session(rt, tenant, sid, must_exist=False)
-    if h.loaded is not None:
-        await release(rt, h.lease)
-        raise APIError(
-            409,
-            f"session {sid!r} already exists; delete it first or pick another id",
-            param="session_id",
-            code="session_exists",
-        )
     if ids:
-        h.provenance = Provenance(primed_from=_digest(ids))
-        await _read(rt, request, h, ids, create=True)
+        target = SessionTarget(tenant, sid, create=True, provenance=Provenance(primed_from=_digest(ids)))
+        await _read(rt, request, target, ids)
         rt.metrics.sessions.labels(event="primed").inc()
     else:
-        try:
-            await save_state(rt, h, rt.model.empty_state(1), create=True)
-        finally:
-            await release(rt, h.lease)
+        async with rt.sessions.lease(tenant, sid) as lease:
+            if await rt.sessions.load(tenant, sid, must_exist=False) is not None:
+                raise session_exists(sid)
+            await rt.sessions.save(tenant, sid, rt.model.empty_state(1), lease=lease, create=True)
     rt.metrics.sessions.labels(event="created").inc()
     return await _info(rt, tenant, sid)
 
@@ -113,7 +90,7 @@ async def list_sessions(
         page = await rt.store.list(tenant, cursor=cursor, limit=limit)
         data = []
         for sid in page.sessions:
-            info = await rt.sessions.info(tenant, sid)
+            info = await rt.states.info(tenant, sid)
             if info is not None:  # expired between the scan and now
                 data.append(session_json(rt, info))
     except StateStoreError as e:
@@ -130,13 +107,13 @@ async def get_session(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep) ->
 
 @router.delete("/{session_id}")
 async def delete_session(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep) -> dict:
-    h = await open_session(rt, tenant, session_id)
-    try:
-        await rt.store.delete(tenant, session_id, lease=h.lease)
-    except StateStoreError as e:
-        raise store_error(e, f"deleting session {session_id!r}") from None
-    finally:
-        await release(rt, h.lease)
+    async with rt.sessions.lease(tenant, session_id) as lease:
+        try:
+            deleted = await rt.store.delete(tenant, session_id, lease=lease)
+        except StateStoreError as e:
+            raise store_error(e, f"deleting session {session_id!r}") from None
+    if not deleted:
+        raise session_not_found(session_id)
     rt.metrics.sessions.labels(event="deleted").inc()
     return {"id": session_id, "object": "session.deleted", "deleted": True}
 
@@ -146,8 +123,7 @@ async def prime_session(
     session_id: SidPath, body: SessionPrime, request: Request, rt: RuntimeDep, tenant: TenantDep
 ) -> dict:
     ids = await encode_prompt(rt, body.prompt)
-    h = await open_session(rt, tenant, session_id)
-    await _read(rt, request, h, ids, create=False)
+    await _read(rt, request, SessionTarget(tenant, session_id), ids)
     rt.metrics.sessions.labels(event="primed").inc()
     return await _info(rt, tenant, session_id)
 
@@ -159,9 +135,7 @@ async def generate(
     """A completion (OpenAI completions format, streaming or not) continuing the session."""
     if body.session_id is not None and body.session_id != session_id:
         raise APIError(400, "session_id in the body differs from the one in the path", param="session_id")
-    fields = body.model_dump(exclude_unset=True)
-    fields["session_id"] = session_id
-    return await completions(CompletionRequest(**fields), request, rt, tenant)
+    return await serve_completion(body, request, rt, tenant, session_id)
 
 
 @router.post("/{session_id}/fork", status_code=201)
@@ -171,28 +145,24 @@ async def fork_session(
     new_id = (body.session_id if body else None) or new_session_id()
     if new_id == session_id:
         raise APIError(400, "a fork needs a different session_id than its source", param="session_id")
-    h = await open_session(rt, tenant, session_id)
-    try:
-        assert h.loaded is not None
-        copy = SessionHandle(tenant, new_id, None, None, provenance=h.loaded.meta.provenance)
-        await save_state(rt, copy, h.loaded.state, create=True)  # a new session: 409 if the id is taken
-    finally:
-        await release(rt, h.lease)
+    async with rt.sessions.lease(tenant, session_id):
+        src = await rt.sessions.load(tenant, session_id)
+        assert src is not None
+        # a new session (409 if the id is taken), written without a lease of its own
+        await rt.sessions.save(tenant, new_id, src.state, lease=None, base=src, create=True)
     rt.metrics.sessions.labels(event="forked").inc()
     return await _info(rt, tenant, new_id)
 
 
 @router.get("/{session_id}/state")
 async def export_state(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep) -> Response:
-    lease = await take_lease(rt, tenant, session_id)
-    try:
-        stored = await rt.store.get(tenant, session_id)
-    except StateStoreError as e:
-        raise store_error(e, f"exporting session {session_id!r}") from None
-    finally:
-        await release(rt, lease)
+    async with rt.sessions.lease(tenant, session_id):
+        try:
+            stored = await rt.store.get(tenant, session_id)
+        except StateStoreError as e:
+            raise store_error(e, f"exporting session {session_id!r}") from None
     if stored is None:
-        raise APIError(404, f"session {session_id!r} not found", code="session_not_found")
+        raise session_not_found(session_id)
     rt.metrics.sessions.labels(event="exported").inc()
     rt.metrics.state_bytes.observe(len(stored.data))
     return Response(
@@ -213,22 +183,20 @@ async def import_state(session_id: SidPath, request: Request, rt: RuntimeDep, te
     if not data:
         raise APIError(400, "empty body: send the bytes of an exported state (application/octet-stream)")
     try:
-        decoded = await rt.sessions.decode(data)
+        decoded = await rt.states.decode(data)
     except StateCodecError as e:
         raise APIError(400, f"not a valid state for this model: {e}", code="invalid_state") from None
     if decoded.meta.batch_size != 1:
         raise APIError(
             400, f"a session state has one row; this blob has {decoded.meta.batch_size}", code="invalid_state"
         )
-    lease = await take_lease(rt, tenant, session_id)
-    try:
-        await rt.store.put(tenant, session_id, bytes(data), ttl=rt.settings.session_ttl_s, lease=lease)
-    except ValueTooLargeError as e:
-        raise APIError(413, f"the state store refuses this blob: {e}") from None
-    except StateStoreError as e:
-        raise store_error(e, f"importing session {session_id!r}") from None
-    finally:
-        await release(rt, lease)
+    async with rt.sessions.lease(tenant, session_id) as lease:
+        try:
+            await rt.store.put(tenant, session_id, bytes(data), ttl=rt.settings.session_ttl_s, lease=lease)
+        except ValueTooLargeError as e:
+            raise APIError(413, f"the state store refuses this blob: {e}") from None
+        except StateStoreError as e:
+            raise store_error(e, f"importing session {session_id!r}") from None
     rt.metrics.sessions.labels(event="imported").inc()
     rt.metrics.state_bytes.observe(len(data))
     return await _info(rt, tenant, session_id)
