@@ -9,7 +9,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import io
-import json
 import pickle
 import random
 import struct
@@ -30,31 +29,16 @@ from state_store import (
     StateVersionError,
     model_fingerprint,
 )
-from state_store.header import CHECKSUM_KEY, CHECKSUM_PLACEHOLDER, MAX_HEADER_BYTES, seal
-from tests.test_state_support import tiny_codec, tiny_state
+from state_store.header import MAX_HEADER_BYTES
+from tests.test_state_support import blob_parts, craft_blob, tiny_codec, tiny_state
 
 
 def _valid() -> bytes:
     return tiny_codec().encode(tiny_state())
 
 
-def _parts(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(retserve header dict, tensors) of an encoded state, to craft variants from."""
-    from safetensors.torch import load
-
-    (n,) = struct.unpack("<Q", data[:8])
-    meta = json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["retserve"])
-    return meta, load(data)
-
-
-def _craft(meta: dict, tensors: dict[str, torch.Tensor]) -> bytes:
-    """A blob with a valid checksum around crafted content (the checksum is not what is tested here;
-    framing seal() cannot parse is left unsealed: it is refused before any checksum is read)."""
-    blob = st_save(tensors, metadata={"retserve": json.dumps(meta), CHECKSUM_KEY: CHECKSUM_PLACEHOLDER})
-    try:
-        return seal(blob)
-    except StateCodecError:
-        return blob
+_parts = blob_parts
+_craft = craft_blob
 
 
 def _refused(data: bytes, codec: StateCodec | None = None) -> StateCodecError:

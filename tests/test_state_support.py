@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 import uuid
@@ -24,11 +26,14 @@ from typing import Any, NoReturn, TypeVar
 import pytest
 import redis
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from model.config import RetNetConfig, preset
 from model.retnet import RetNet
 from model.state import RetentionState
-from state_store import StateCodec, model_fingerprint
+from state_store import StateCodec, StateCodecError, model_fingerprint
+from state_store.header import CHECKSUM_KEY, CHECKSUM_PLACEHOLDER, META_KEY, seal
 
 T = TypeVar("T")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
@@ -68,6 +73,26 @@ def tiny_state(batch: int = 1, tokens: int = 9, seed: int = 0) -> RetentionState
 def tiny_blob(seed: int = 0) -> bytes:
     # Fixed times: the header's length (and so the blob's) would otherwise vary with the clock.
     return tiny_codec().encode(tiny_state(seed=seed), created_at=1_700_000_000.0, updated_at=1_700_000_000.0)
+
+
+def blob_parts(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(retserve header dict, tensors) of an encoded state, to craft variants from."""
+    (n,) = struct.unpack("<Q", data[:8])
+    meta = json.loads(json.loads(data[8 : 8 + n])["__metadata__"][META_KEY])
+    return meta, st_load(data)
+
+
+def craft_blob(meta: dict, tensors: dict[str, torch.Tensor], *, checksum: bool = True) -> bytes:
+    """A blob of crafted content, with a valid checksum unless `checksum=False` (framing seal() cannot
+    parse is left unsealed: it is refused before any checksum is read)."""
+    metadata = {META_KEY: json.dumps(meta)}
+    if checksum:
+        metadata[CHECKSUM_KEY] = CHECKSUM_PLACEHOLDER
+    blob = st_save(tensors, metadata=metadata)
+    try:
+        return seal(blob) if checksum else blob
+    except StateCodecError:
+        return blob
 
 
 def big_config(layers: int = 8) -> RetNetConfig:
