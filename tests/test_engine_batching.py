@@ -44,8 +44,10 @@ def prefix_state(ids: list[int]):
         return model()(torch.tensor([ids]), None)[1]
 
 
-def run(requests, config: EngineConfig | None = None, delays=None, cancel_after=None):
-    """Run requests on one engine (request i submitted after delays[i] seconds); collect results."""
+def run(requests, config: EngineConfig | None = None, delays=None, stats: list | None = None):
+    """Run requests on one engine (request i submitted after delays[i] seconds); collect results.
+
+    `stats`: a list that receives the engine's IterationStats (to check what shared a batch)."""
 
     async def one(eng, req, delay):
         await asyncio.sleep(delay)
@@ -58,6 +60,8 @@ def run(requests, config: EngineConfig | None = None, delays=None, cancel_after=
             return await asyncio.gather(*(one(eng, r, d) for r, d in zip(requests, ds, strict=True)))
         finally:
             eng.shutdown()
+            if stats is not None:
+                stats.extend(eng.stats)
 
     return asyncio.run(main())
 
@@ -80,7 +84,11 @@ def mixed_requests(params_fn) -> list[EngineRequest]:
 
 def assert_batched_equals_alone(reqs):
     delays = [0.0, 0.0, 0.002, 0.01, 0.0, 0.03, 0.005]
-    batched = run([copy_req(r) for r in reqs], delays=delays)
+    stats: list = []
+    batched = run([copy_req(r) for r in reqs], delays=delays, stats=stats)
+    # they really shared batches: decode steps of several rows, and prompts read beside decoding rows
+    assert max(s.decode_rows for s in stats) >= 3, [s.decode_rows for s in stats]
+    assert any(s.prefill_rows and s.decode_rows for s in stats)
     for r, (ids, text, out) in zip(reqs, batched, strict=True):
         ((alone_ids, alone_text, alone_out),) = run([copy_req(r)])
         assert ids == alone_ids
@@ -249,7 +257,10 @@ def test_compiled_decode_step_matches_eager():
         lambda i: EngineSamplingParams(temperature=0, max_tokens=[4, 25, 9, 30, 1, 12, 18][i])
     )
     cfg = EngineConfig(prefill_chunk=16, prefill_budget=32, compile=True, compile_buckets=(8,))
-    compiled = run([copy_req(r) for r in reqs], config=cfg, delays=[0.0, 0.0, 0.002, 0.01, 0.0, 0.03, 0.005])
+    stats: list = []
+    delays = [0.0, 0.0, 0.002, 0.01, 0.0, 0.03, 0.005]
+    compiled = run([copy_req(r) for r in reqs], config=cfg, delays=delays, stats=stats)
+    assert max(s.decode_rows for s in stats) >= 3  # batches of several rows (padded to the bucket of 8)
     eager = run([copy_req(r) for r in reqs])
     for (ids, text, out), (e_ids, e_text, e_out) in zip(compiled, eager, strict=True):
         assert (ids, text, out.finish_reason) == (e_ids, e_text, e_out.finish_reason)
