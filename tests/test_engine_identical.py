@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
 from server.engine import Engine, EngineConfig, EngineRequest, EngineSamplingParams
@@ -45,3 +46,24 @@ def test_identical_requests_in_one_iteration_all_finish_normally():
     # the request states were not changed in place by the engine
     assert base.equal(prefix_state(ids[:12]))
     torch.testing.assert_close(outs[0].state.position, base.position + len(prompt) + 6)
+
+
+def test_a_request_id_already_in_the_engine_is_refused_until_it_finished():
+    def req(rid: str) -> EngineRequest:
+        return EngineRequest([1, 2], EngineSamplingParams(temperature=0, max_tokens=2), request_id=rid)
+
+    async def main():
+        eng = Engine(model(), tok(), start=False)
+        try:
+            first = eng.submit(req("same"))
+            with pytest.raises(ValueError, match="already in the engine"):
+                eng.submit(req("same"))
+            eng.start()
+            a = await first.collect()
+            b = await eng.submit(req("same")).collect()  # finished ids can be used again
+            return a, b, eng.load()
+        finally:
+            eng.shutdown()
+
+    a, b, load = asyncio.run(main())
+    assert a[0] == b[0] and len(a[0]) == 2 and load["requests"] == 0

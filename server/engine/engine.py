@@ -97,7 +97,7 @@ class Engine:
         self._inbox: list[LiveRequest] = []
         self._aborts: list[str] = []
         self._stopping = False
-        self._in_engine = 0  # submitted and not finished
+        self._request_ids: set[str] = set()  # request ids submitted and not finished
         self._queued_tokens = 0  # prompt tokens not yet read
         self._live: dict[str, LiveRequest] = {}  # engine thread only
         # outputs of the current iteration, per event loop (engine thread only): one wake-up per
@@ -136,13 +136,15 @@ class Engine:
         with self._cond:
             if self._stopping or self.error is not None:
                 raise EngineOverloaded("the engine is shutting down")
-            if self._in_engine >= c.max_running + c.max_waiting:
-                raise EngineOverloaded(f"{self._in_engine} requests in the engine (limit reached)")
+            if request.request_id in self._request_ids:
+                raise ValueError(f"request_id {request.request_id!r} is already in the engine; use a new id")
+            if len(self._request_ids) >= c.max_running + c.max_waiting:
+                raise EngineOverloaded(f"{len(self._request_ids)} requests in the engine (limit reached)")
             if self._queued_tokens + n > c.max_queued_prompt_tokens:
                 raise EngineOverloaded(
                     f"{self._queued_tokens} prompt tokens queued; {n} more exceed the limit"
                 )
-            self._in_engine += 1
+            self._request_ids.add(request.request_id)
             self._queued_tokens += n
             self._inbox.append(live)
             self._cond.notify()
@@ -174,9 +176,9 @@ class Engine:
         sched = self._runner.sched
         with self._cond:
             return {
-                "requests": self._in_engine,
+                "requests": len(self._request_ids),
                 "queued_prompt_tokens": self._queued_tokens,
-                "rows": min(self._in_engine, len(sched.running) + len(sched.prefilling)),
+                "rows": min(len(self._request_ids), len(sched.running) + len(sched.prefilling)),
             }
 
     # ---- engine thread -------------------------------------------------------------------------
@@ -187,7 +189,7 @@ class Engine:
     def _released(self, live: LiveRequest) -> None:
         self._live.pop(live.request.request_id, None)
         with self._cond:
-            self._in_engine -= 1
+            self._request_ids.discard(live.request.request_id)
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, {}
