@@ -7,7 +7,9 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +18,7 @@ TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     409: "conflict_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     422: "invalid_request_error",
@@ -71,11 +74,21 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request", param
 
 
-def _respond(request: Request, err: APIError) -> JSONResponse:
-    rt = getattr(request.app.state, "runtime", None)
+def count_error(app: Starlette | None, err: APIError) -> None:
+    rt = getattr(app.state, "runtime", None) if app is not None else None
     if rt is not None:
         rt.metrics.http_errors.labels(status=str(err.status)).inc()
+
+
+def _respond(request: Request, err: APIError) -> JSONResponse:
+    count_error(request.app, err)
     return err.response()
+
+
+async def send_error(scope: Scope, receive: Receive, send: Send, err: APIError) -> None:
+    """Answer with `err` from ASGI middleware (outside the app's exception handlers); counted."""
+    count_error(scope.get("app"), err)
+    await err.response()(scope, receive, send)
 
 
 def install_handlers(app: FastAPI) -> None:

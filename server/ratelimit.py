@@ -29,6 +29,15 @@ class RateLimiter:
         self._buckets[key] = (tokens, now)
         return (1.0 - tokens) / self.rate
 
+    def peek(self, key: str) -> float:
+        """Like `take` without spending: 0.0 if a request would be allowed now, else the seconds to wait
+        (the request guard refuses a limited caller's upload before reading its body)."""
+        if self.rate <= 0:
+            return 0.0
+        tokens, last = self._buckets.get(key, (float(self.burst), self.clock()))
+        tokens = min(float(self.burst), tokens + (self.clock() - last) * self.rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
     @staticmethod
     def retry_after(seconds: float) -> str:
         return str(max(1, math.ceil(seconds)))

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "checkpoints" / "retserve-small"
 TENANT_RE = re.compile(r"[A-Za-z0-9_.@+=~-]{1,64}")
 DEFAULT_TENANT = "default"
+MIN_API_KEY_CHARS = 8
 
 
 class Settings(BaseSettings):
@@ -45,6 +46,9 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(4096, ge=1)  # the largest max_tokens a request may ask for
     max_body_bytes: int = Field(8 << 20, ge=1024)  # JSON request bodies
     max_state_bytes: int = Field(512 << 20, ge=1024)  # imported state blobs (PUT /v1/sessions/{id}/state)
+    # state uploads in flight at once (each spooled to disk while it arrives, then decoded in memory:
+    # at most this many times max_state_bytes); more is a 503 + Retry-After before reading the body
+    max_state_uploads: int = Field(2, ge=1)
     default_max_tokens: int = Field(16, ge=0)  # completions; chat uses max_tokens_limit's min with 256
 
     # engine
@@ -62,8 +66,11 @@ class Settings(BaseSettings):
     @classmethod
     def _check_keys(cls, v: dict[str, str]) -> dict[str, str]:
         for key, tenant in v.items():
-            if len(key) < 8:
-                raise ValueError("API keys must be at least 8 characters")
+            if len(key) < MIN_API_KEY_CHARS:
+                raise ValueError(
+                    f"API keys must be at least {MIN_API_KEY_CHARS} characters long; one of"
+                    f" RETSERVE_API_KEYS has {len(key)} (use long random keys, e.g. `openssl rand -hex 24`)"
+                )
             if not TENANT_RE.fullmatch(tenant):
                 raise ValueError(f"tenant {tenant!r}: use 1-64 characters from A-Z a-z 0-9 _ . @ + = ~ -")
         return v
