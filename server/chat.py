@@ -8,7 +8,8 @@
 
 The completion is the assistant's reply; it stops before the model starts a new "User:" or
 "System:" turn (those are added to the request's stop strings). With `session_id`, send only the
-new messages: the session's state already holds the earlier turns.
+new messages: the session's state already holds the earlier turns. A message's `content` is a string
+or a list of text parts (OpenAI's format), joined by newlines.
 """
 
 from __future__ import annotations
@@ -20,5 +21,5 @@ CHAT_STOP = ["\nUser:", "\nSystem:"]
 
 
 def render_chat(messages: list[ChatMessage]) -> str:
-    turns = [f"{ROLES[m.role]}: {m.content.strip()}\n\n" for m in messages]
+    turns = [f"{ROLES[m.role]}: {m.text().strip()}\n\n" for m in messages]
     return "".join(turns) + "Assistant:"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
 from server.engine import EngineSamplingParams
 
@@ -18,7 +18,10 @@ SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN)]
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # unknown fields are a 400 that names them
+    """A request body: unknown fields are a 400 that names them, and JSON types are taken as sent
+    (no "yes" or 1 for a boolean, no "0.5" for a number; an integer is still a valid float)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(StrictModel):
@@ -96,17 +99,46 @@ class CompletionRequest(SamplingFields):
     )  # report the chosen token and this many alternatives
 
 
+class TextPart(StrictModel):
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    content: str | Annotated[list[TextPart], Field(min_length=1)]  # text parts are joined by newlines
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v: object) -> object:
+        """A clear 400 for the part types OpenAI has and this text-only server does not read."""
+        if isinstance(v, list):
+            for i, part in enumerate(v):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise ValueError(
+                        f"content part {i} has type {kind!r}: this server reads text only;"
+                        ' send {"type": "text", "text": "..."} parts or a string'
+                    )
+        return v
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)  # OpenAI: only with logprobs: true
     max_completion_tokens: StrictInt | None = Field(None, ge=0)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("logprobs") is False:
+            raise ValueError("top_logprobs needs logprobs: true (OpenAI's rule); send both or neither")
+        return v
 
 
 class SessionCreate(StrictModel):
