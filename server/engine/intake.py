@@ -83,8 +83,9 @@ def accept_request(
     _check_prompt(request, vocab)
     _check_logits(request, vocab)
     _check_state(request, model)
-    if request.dropping is not None:
-        request.dropping.check(model.config)
+    spec = request.dropping
+    if spec is not None:
+        spec.check(model.config)
     params = request.params
     live = LiveRequest(
         request=request,
@@ -94,6 +95,8 @@ def accept_request(
         emit=emit,
         state=request.state,
         next_logits=request.logits,
+        # keep == 1 drops nothing: such a prompt is read like any other (in pieces, under the budget)
+        dropping=spec if spec is not None and spec.keep < 1 else None,
     )
     if params.uses_penalties:
         live.counts = count_tokens([request.prompt_ids], vocab)[0]  # (V,)

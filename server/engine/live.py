@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,6 +12,9 @@ from model.sampling import SamplingTensors
 from model.state import RetentionState
 from server.engine.detokenizer import Detokenizer
 from server.engine.types import EngineRequest, RequestOutput, RequestTimings, TokenLogprob
+
+if TYPE_CHECKING:
+    from model.dropping import DropSpec
 
 # (state, next-token logits (V,)) of one row after it absorbed a given number of generated tokens
 Snapshot = tuple[RetentionState, torch.Tensor]
@@ -29,6 +33,7 @@ class LiveRequest:
     sampling: SamplingTensors  # this request's sampling row (B=1), built and validated at submit
     timings: RequestTimings
     emit: Callable[[RequestOutput], None]  # thread-safe delivery to the request's stream
+    dropping: DropSpec | None = None  # the request's policy if it can drop anything (keep < 1)
     keep: torch.Tensor | None = None  # (T,) bool prompt keep mask (EngineConfig.keep_mask hook)
     prefilled: int = 0  # prompt tokens read
     dropped: int = 0  # prompt tokens a dropping policy left out

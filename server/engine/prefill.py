@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from model.dropping import prefill_dropping
 from model.retnet import RetNet
 from model.state import RetentionState
 from server.engine.live import LiveRequest
@@ -48,9 +49,7 @@ def read_with_dropping(
     model: RetNet, live: LiveRequest, chunk_size: int
 ) -> tuple[Tensor, RetentionState, int]:
     """Read a whole prompt through its request's dropping policy: (logits (1, V), state, dropped count)."""
-    from model.dropping import prefill_dropping  # the policies are only needed here
-
-    spec = live.request.dropping
+    spec = live.dropping
     assert spec is not None and live.prefilled == 0
     ids = torch.tensor([live.request.prompt_ids], dtype=torch.long, device=model.device)  # (1, T)
     res = prefill_dropping(model, ids, spec, state=live.state, chunk_size=chunk_size)

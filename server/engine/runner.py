@@ -89,7 +89,7 @@ class BatchRunner:
         """Read the planned pieces; returns the requests whose prompt is now fully read."""
         t_start = time.perf_counter()
         first = plan[0][0]
-        if first.request.dropping is not None:
+        if first.dropping is not None:
             assert len(plan) == 1, "a dropping prompt is read alone"
             logits, new, first.dropped = read_with_dropping(self.model, first, self.config.chunk_size)
         else:

@@ -4,7 +4,7 @@ Life of a request: waiting -> prefilling (holds a row; its prompt is read in pie
 end at multiples of `prefill_chunk`, or at the prompt's end) -> running (one row of the batched
 recurrent step) -> finished. A request with an empty prompt (it brings the logits of its state)
 skips prefilling: admitted, it is `ready` to join the batch in the same iteration.
-A request with a token-dropping policy is read whole, alone, in one iteration (its policy scores
+A request with a token-dropping policy (keep < 1) is read whole, alone, in one iteration (it scores
 the whole prompt, so it cannot be split into pieces); requests behind it wait for the next one.
 Each iteration the scheduler admits waiting requests while rows are free, then plans prompt pieces
 in arrival order under a token budget that adapts to the load: `prefill_budget` (large: a long
@@ -51,7 +51,7 @@ class Scheduler:
             if live.prompt_len == 0:
                 self.ready.append(live)
                 continue
-            if self.config.keep_mask is not None and live.request.dropping is None:
+            if self.config.keep_mask is not None and live.dropping is None:
                 live.keep = self._keep_mask(live)
             self.prefilling.append(live)
 
@@ -79,7 +79,7 @@ class Scheduler:
         budget = cfg.prefill_budget_decoding if self.running else cfg.prefill_budget
         c = cfg.prefill_chunk
         for live in self.prefilling:
-            if live.request.dropping is not None:
+            if live.dropping is not None:
                 return plan or [(live, 0, live.prompt_len)]
             start = live.prefilled  # a multiple of c
             end = live.prompt_len if live.prompt_len - start <= budget else (start + budget) // c * c
