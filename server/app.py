@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from server.bodylimit import RequestGuard
 from server.errors import install_handlers
+from server.openapi import install_openapi
 from server.routes import openai, ops, sessions
 from server.runtime import start_runtime
 from server.settings import Settings
@@ -38,4 +39,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(openai.router)
     app.include_router(sessions.router)
+    install_openapi(app, settings)
     return app
