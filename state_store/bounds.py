@@ -62,15 +62,18 @@ class StateBounds:
     def check_layer(self, layer: int, t: Tensor, what: str = "the state") -> float:
         """Raise StateBoundsError if a head of layer `layer`'s state `t` (B, H, Dk, Dv) exceeds its
         bound (t must be finite); returns the largest norm / bound ratio seen."""
-        norms = torch.linalg.vector_norm(t, dim=(-2, -1), dtype=torch.float64)  # (B, H)
+        acc = torch.float64 if t.dtype == torch.float64 else torch.float32  # float32: ~1e-6 relative
+        norms = torch.linalg.vector_norm(t, dim=(-2, -1), dtype=acc).double()  # (B, H); inf beyond f32
         ratio = norms / self.state_norm[layer].to(norms.device)  # (B, H)
         worst = float(ratio.max()) if ratio.numel() else 0.0
         if worst > 1.0:
             b, h = divmod(int(ratio.argmax()), ratio.shape[1])
+            norm = float(torch.linalg.vector_norm(t[b, h], dtype=torch.float64))  # finite even past f32
+            bound = float(self.state_norm[layer, h])
             raise StateBoundsError(
-                f"{what}: layer {layer} head {h} (row {b}) has norm {float(norms[b, h]):.4g}, beyond the"
-                f" {float(self.state_norm[layer, h]):.4g} this model can produce (x{worst:.3g}); the state"
-                " was altered or was not made by this model"
+                f"{what}: layer {layer} head {h} (row {b}) has norm {norm:.4g}, beyond the {bound:.4g}"
+                f" this model can produce (x{norm / bound:.3g}); the state was altered or was not made"
+                " by this model"
             )
         return worst
 

@@ -25,6 +25,9 @@ version 2 blob without its checksum is refused. Encoding always writes version 2
 
 from __future__ import annotations
 
+import json
+import math
+import struct
 import sys
 import time
 import zlib
@@ -32,7 +35,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from safetensors.torch import save as st_save
 from torch import Tensor
 
 from model.config import RetNetConfig
@@ -51,7 +53,7 @@ from state_store.header import (
     Provenance,
     StateMeta,
     read_meta,
-    seal,
+    seal_parts,
 )
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -61,6 +63,14 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 _FP16_MAX = 65504.0
+_ST_CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.uint8: "U8",
+}
 DEFAULT_MAX_BATCH = 4096
 
 if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
@@ -72,6 +82,35 @@ class DecodedState:
     state: RetentionState
     meta: StateMeta
     logits: Tensor | None = None  # (B, V) float32 next-token logits; None when the blob has none
+
+
+def _serialize(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors file of CPU `tensors` with a checksum: the tensor bytes are read once for the
+    CRC and copied once into the result (safetensors' own `save` plus a sealing pass copied twice)."""
+    header: dict[str, object] = {"__metadata__": {**metadata, CHECKSUM_KEY: CHECKSUM_PLACEHOLDER}}
+    payload: list[memoryview] = []
+    offset = 0
+    for name, t in tensors.items():
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()  # the tensor's bytes, not a copy
+        header[name] = {
+            "dtype": _ST_CODES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + raw.nbytes],
+        }
+        offset += raw.nbytes
+        payload.append(memoryview(raw))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)  # tensor data 8-byte aligned, as safetensors writes it
+    return seal_parts(struct.pack("<Q", len(text)) + text, payload)
+
+
+def all_finite(t: Tensor) -> bool:
+    """Every value finite. NaN propagates through aminmax, so both ends finite <=> all finite; one
+    reduction, ~8x faster than isfinite().all() (which dominated encoding a large state)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -192,7 +231,7 @@ class StateCodec:
         stored = []
         for i, t in enumerate(state.layers):
             t = t.detach().to("cpu")
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise CorruptStateError(f"cannot encode: layer {i} of the state has NaN or infinite values")
             if storage == "float16" and float(t.abs().max()) > _FP16_MAX:
                 raise StateCodecError(
@@ -226,8 +265,7 @@ class StateCodec:
             tensors["layers.zlib"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
         else:
             tensors.update({f"layers.{i}": t for i, t in enumerate(stored)})
-        metadata = {META_KEY: meta.dumps(), "format": "pt", CHECKSUM_KEY: CHECKSUM_PLACEHOLDER}
-        return seal(st_save(tensors, metadata=metadata))
+        return _serialize(tensors, {META_KEY: meta.dumps(), "format": "pt"})
 
     @staticmethod
     def _check_positions(position: Tensor, what: str) -> None:
@@ -258,7 +296,7 @@ class StateCodec:
         return out
 
     def _check_logits(self, logits: Tensor, what: str) -> None:
-        finite = torch.isfinite(logits).all(-1)  # (B,)
+        finite = torch.isfinite(logits).all(-1)  # (B,): logits are small, and the row is named
         if not bool(finite.all()):
             row = int((~finite).nonzero()[0, 0])
             raise CorruptStateError(f"{what}: row {row} of the logits has NaN or infinite values")
@@ -335,7 +373,7 @@ class StateCodec:
                     )
                 layers.append(self._tensor(buf, frame, e.name, sdt).reshape(shape))
         for i, t in enumerate(layers):
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise CorruptStateError(f"layer {i} of the state has NaN or infinite values")
             if self.bounds is not None:
                 self.bounds.check_layer(i, t, "the state")

@@ -23,6 +23,7 @@ import json
 import math
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -362,13 +363,27 @@ def check_checksum(data: bytes | bytearray | memoryview, frame: Frame) -> None:
         )
 
 
+def seal_parts(head: bytes, payload: Sequence[bytes | memoryview]) -> bytes:
+    """A blob = `head` (8-byte length + JSON header whose metadata holds `{CHECKSUM_KEY:
+    CHECKSUM_PLACEHOLDER}`) + the tensor bytes in `payload`, with the checksum filled in. The tensor
+    bytes are read once for the CRC and copied once into the result."""
+    needle = f'"{CHECKSUM_KEY}":"{CHECKSUM_PLACEHOLDER}"'.encode()
+    at = head.find(needle)
+    if at < 8 or head.find(needle, at + 1) >= 0:
+        raise ValueError(f"the header must hold {CHECKSUM_KEY!r}: {CHECKSUM_PLACEHOLDER!r} once")
+    crc = zlib.crc32(head)
+    for part in payload:
+        crc = zlib.crc32(part, crc)
+    begin = at + len(needle) - 1 - len(CHECKSUM_PLACEHOLDER)
+    head = head[:begin] + f"{crc:08x}".encode() + head[begin + len(CHECKSUM_PLACEHOLDER) :]
+    return b"".join((head, *payload))
+
+
 def seal(data: bytes) -> bytes:
-    """Fill in the checksum of a blob written with `{CHECKSUM_KEY: CHECKSUM_PLACEHOLDER}` in its
-    safetensors metadata (what the codec writes; tests craft blobs with it too)."""
+    """Fill in the checksum of a safetensors blob written with `{CHECKSUM_KEY: CHECKSUM_PLACEHOLDER}`
+    in its metadata (tests craft blobs with it; the codec uses `seal_parts`)."""
     frame = parse_frame(data)
     if frame.metadata.get(CHECKSUM_KEY) != CHECKSUM_PLACEHOLDER:
         raise ValueError(f"seal needs {CHECKSUM_KEY!r}: {CHECKSUM_PLACEHOLDER!r} in the blob's metadata")
-    span = _checksum_span(data, frame)
-    out = bytearray(data)
-    out[span[0] : span[1]] = _crc(data, span).encode()
-    return bytes(out)
+    view = memoryview(data)
+    return seal_parts(bytes(view[: frame.data_start]), [view[frame.data_start :]])
