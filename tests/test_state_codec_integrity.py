@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from model.checkpoint import from_pretrained
+from model.config import preset
 from model.retnet import RetNet
 from model.state import RetentionState
 from state_store import (
@@ -365,3 +366,27 @@ def test_sessions_save_and_load_logits_memory_and_redis() -> None:
         run(go())
     finally:
         redis_cleanup(prefix)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"num_heads": 4, "num_kv_heads": 2}, {"tie_word_embeddings": True}, {"num_heads": 1}],
+    ids=["gqa", "tied", "one-head"],
+)
+def test_bounds_hold_for_other_shapes(overrides: dict) -> None:
+    """GQA (a kv head serves several query heads), tied embeddings, float64: real states pass, and the
+    bound is not absurdly loose for a random model either."""
+    torch.manual_seed(0)
+    model = RetNet(preset("tiny", **overrides)).eval()
+    with torch.no_grad():  # norm gains away from 1, so the diag(g) factor matters
+        for layer in model.model.layers:
+            layer.attn_norm.weight.uniform_(0.5, 3.0)
+    bounds = state_bounds(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 600), generator=torch.Generator().manual_seed(1))
+    for dtype in (torch.float32, torch.float64):
+        with torch.inference_mode():
+            logits, s = model.to(dtype)(ids, logits_to_keep=1)
+        ratio = max(bounds.check_layer(i, t) for i, t in enumerate(s.layers))
+        assert 1e-4 < ratio < 1 and bounds.check_logits(logits[:, -1]) < 1
+        c = StateCodec(model.config, model_fingerprint(model), bounds=bounds)
+        assert c.decode(c.encode(s, logits=logits[:, -1])).state.equal(s)
