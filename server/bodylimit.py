@@ -158,22 +158,39 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
+        app: Starlette = scope["app"]
         try:
             length, chunked = declared_length(headers)
-            if not chunked and not length:  # no body: nothing to guard
-                return await self.app(scope, receive, send)
-            app: Starlette = scope["app"]
-            route = match_route(app, scope)
-            kind = self._kinds.get(id(route)) or self._kinds.setdefault(id(route), route_kind(route))
-            if kind.needs_tenant and get_tenant not in app.dependency_overrides:
-                self._authenticate(app, headers)
-            if kind.state_upload:
-                return await self._state_upload(scope, receive, send, length)
-            if kind.json_body:
-                check_json_type(headers)
+            has_body = chunked or bool(length)
+            route = self._route(app, scope, has_body)
+            if route is None or not has_body:  # nothing to guard
+                kind = None
+            else:
+                kind = self._kinds.get(id(route)) or self._kinds.setdefault(id(route), route_kind(route))
+                if kind.needs_tenant and get_tenant not in app.dependency_overrides:
+                    self._authenticate(app, headers)
+                if kind.state_upload:
+                    self._check_upload(length)
+                elif kind.json_body:
+                    check_json_type(headers)
         except APIError as err:
             return await send_error(scope, receive, send, err)
+        if kind is None:
+            return await self.app(scope, receive, send)
+        if kind.state_upload:
+            return await self._state_upload(scope, receive, send)
         return await self._bounded(scope, receive, send, length)
+
+    @staticmethod
+    def _route(app: Starlette, scope: Scope, has_body: bool) -> BaseRoute | None:
+        """The matching route; None where the app's router answers itself (no body and no route: a
+        404 or a trailing-slash redirect). A wrong method is a 405 listing every allowed method."""
+        try:
+            return match_route(app, scope)
+        except APIError as err:
+            if err.status == 404 and not has_body:
+                return None
+            raise
 
     def _authenticate(self, app: Starlette, headers: Headers) -> None:
         rt = getattr(app.state, "runtime", None)
@@ -190,11 +207,11 @@ class RequestGuard:
                 headers={"Retry-After": RateLimiter.retry_after(wait)},
             )
 
-    async def _state_upload(self, scope: Scope, receive: Receive, send: Send, length: int | None) -> None:
+    def _check_upload(self, length: int | None) -> None:
+        """413 for a declared length over the limit, 503 when every upload slot is taken."""
         limit = self.settings.max_state_bytes
-        setting = f"the limit of {limit} bytes (RETSERVE_MAX_STATE_BYTES)"
         if length is not None and length > limit:
-            raise APIError(413, f"the state blob of {length} bytes exceeds {setting}")
+            raise APIError(413, f"the state blob of {length} bytes exceeds {self._state_limit()}")
         if self.uploads >= self.settings.max_state_uploads:
             raise APIError(
                 503,
@@ -203,11 +220,18 @@ class RequestGuard:
                 code="too_many_uploads",
                 headers={"Retry-After": "1"},
             )
+
+    def _state_limit(self) -> str:
+        return f"the limit of {self.settings.max_state_bytes} bytes (RETSERVE_MAX_STATE_BYTES)"
+
+    async def _state_upload(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.uploads += 1
         try:
             try:
                 body = await read_bounded(
-                    receive, limit, lambda: APIError(413, f"the state blob exceeds {setting}")
+                    receive,
+                    self.settings.max_state_bytes,
+                    lambda: APIError(413, f"the state blob exceeds {self._state_limit()}"),
                 )
             except APIError as err:
                 return await send_error(scope, receive, send, err)

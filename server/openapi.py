@@ -65,10 +65,12 @@ DESCRIPTIONS = {
     " uploads at once (see Retry-After)",
 }
 STREAMING = {"/v1/completions", "/v1/chat/completions", "/v1/sessions/{session_id}/generate"}
-SSE_SCHEMA = {
-    "type": "string",
-    "description": "With `stream: true`: server-sent events, `data: {chunk JSON}` lines (an error object"
-    " if the request fails midway), then `data: [DONE]`.",
+SSE_SCHEMA = {  # one server-sent event
+    "type": "object",
+    "description": "With `stream: true`: server-sent events whose `data` is a chunk (JSON), an error"
+    " object if the request fails midway, and finally `[DONE]`.",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
 }
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 # what a route's own code can answer beyond what its dependencies imply (method, path) -> statuses
@@ -151,6 +153,54 @@ def _patch_operation(route: APIRoute, method: str, op: dict, settings: Settings)
         }
 
 
+def int_below(n: int) -> str:
+    """A regex for the decimal integers in [0, n) without leading zeros (n >= 1)."""
+    top = str(n - 1)
+    alts = ["0"] if n - 1 >= 0 else []
+    if len(top) > 1:  # every shorter number
+        alts.append(f"[1-9][0-9]{{0,{len(top) - 2}}}")
+    for i, d in enumerate(top):  # same length: equal to a prefix of `top`, then a smaller digit
+        lo = "1" if i == 0 else "0"
+        if int(d) > int(lo):
+            rest = len(top) - i - 1
+            alts.append(top[:i] + f"[{lo}-{int(d) - 1}]" + (f"[0-9]{{{rest}}}" if rest else ""))
+    alts.append(top)
+    return "^(" + "|".join(dict.fromkeys(alts)) + ")$"
+
+
+def _branches(prop: dict) -> list[dict]:
+    return prop.get("anyOf", [prop])
+
+
+def constrain(schemas: dict[str, Any], settings: Settings, vocab: int | None) -> None:
+    """State in the request schemas the limits the server checks itself (with its own messages):
+    non-empty prompts of at most max_prompt_tokens ids below the vocabulary size, max_tokens up to
+    max_tokens_limit, token ids in stop_token_ids and logit_bias below the vocabulary size."""
+    for schema in schemas.values():
+        props = schema.get("properties", {})
+        for name in ("max_tokens", "max_completion_tokens"):
+            for b in _branches(props.get(name, {})):
+                if b.get("type") == "integer":
+                    b["maximum"] = settings.max_tokens_limit
+        for b in _branches(props.get("prompt", {})):
+            if b.get("type") == "string":
+                b["minLength"] = 1
+            elif b.get("type") == "array":
+                b.update(minItems=1, maxItems=settings.max_prompt_tokens)
+                b["items"]["minimum"] = 0
+                if vocab is not None:
+                    b["items"]["maximum"] = vocab - 1
+        for b in _branches(props.get("stop_token_ids", {})):
+            if b.get("type") == "array" and vocab is not None:
+                b["items"]["maximum"] = vocab - 1
+        for b in _branches(props.get("logit_bias", {})):
+            if b.get("type") == "object" and "patternProperties" in b:
+                (value,) = b.pop("patternProperties").values()
+                b["additionalProperties"] = value
+                if vocab is not None:
+                    b["propertyNames"] = {"pattern": int_below(vocab)}
+
+
 def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
     doc = get_openapi(
         title=app.title,
@@ -170,6 +220,8 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
+    rt = getattr(app.state, "runtime", None)
+    constrain(schemas, settings, rt.model.config.vocab_size if rt is not None else None)
     schemas["ErrorResponse"] = ERROR_SCHEMA
     schemas["Readiness"] = READY_SCHEMA
     if settings.api_keys:
@@ -181,8 +233,11 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
     """`app.openapi()` (and GET /openapi.json) serve the patched document, built once."""
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = build_openapi(app, settings)
-        return app.openapi_schema
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = build_openapi(app, settings)
+        if getattr(app.state, "runtime", None) is not None:  # complete (vocabulary bounds): keep it
+            app.openapi_schema = doc
+        return doc
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -9,12 +9,31 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from server.engine import EngineSamplingParams
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_.@+=~-]{1,128}$"  # request bodies and the /v1/sessions/{id} paths
 SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN)]
+
+
+def _integral(v: object) -> object:
+    """JSON Schema counts 3.0 as an integer: take it as 3 (3.5 stays a float and is refused)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+JSONInt = Annotated[int, BeforeValidator(_integral)]  # in a StrictModel: no booleans, no strings
+StopString = Annotated[str, Field(min_length=1)]
+TokenIdKey = Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,9})$")]  # a token id as a JSON object key
+Bias = Annotated[float, Field(ge=-100, le=100)]  # OpenAI's range
 
 
 class StrictModel(BaseModel):
@@ -32,26 +51,26 @@ class SamplingFields(StrictModel):
     """Fields shared by completions, chat and session generation."""
 
     model: str | None = None
-    max_tokens: StrictInt | None = Field(None, ge=0)
+    max_tokens: JSONInt | None = Field(None, ge=0)
     temperature: float = Field(1.0, ge=0, le=100)
     top_p: float = Field(1.0, gt=0, le=1)
-    n: StrictInt = Field(1, ge=1, le=1)  # one choice per request (send several requests for more)
+    n: JSONInt = Field(1, ge=1, le=1)  # one choice per request (send several requests for more)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: StopString | list[StopString] | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
-    seed: StrictInt | None = Field(None, ge=0, lt=2**63)
+    logit_bias: dict[TokenIdKey, Bias] | None = None
+    seed: JSONInt | None = Field(None, ge=0, le=2**53 - 1)  # exact in every JSON parser
     user: str | None = None
     # extensions
     session_id: SessionId | None = None
-    top_k: StrictInt = Field(0, ge=0, lt=2**31)
+    top_k: JSONInt = Field(0, ge=0, lt=2**31)
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0, le=100)
-    min_tokens: StrictInt = Field(0, ge=0)
+    min_tokens: JSONInt = Field(0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[StrictInt] | None = None
+    stop_token_ids: list[Annotated[JSONInt, Field(ge=0)]] | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -93,10 +112,8 @@ class SamplingFields(StrictModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[StrictInt]  # text, or token ids
-    logprobs: StrictInt | None = Field(
-        None, ge=0, le=20
-    )  # report the chosen token and this many alternatives
+    prompt: str | list[JSONInt]  # text, or token ids
+    logprobs: JSONInt | None = Field(None, ge=0, le=20)  # report the chosen token and this many alternatives
 
 
 class TextPart(StrictModel):
@@ -128,10 +145,27 @@ class ChatMessage(StrictModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    # the OpenAPI document states the top_logprobs rule too (JSON Schema if/then)
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
+            "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+        }
+    )
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)  # OpenAI: only with logprobs: true
-    max_completion_tokens: StrictInt | None = Field(None, ge=0)
+    top_logprobs: JSONInt | None = Field(None, ge=0, le=20)  # OpenAI: only with logprobs: true
+    max_completion_tokens: JSONInt | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_max_tokens(self) -> ChatCompletionRequest:
+        mct, mt = self.max_completion_tokens, self.max_tokens
+        if mct is not None and mt is not None and mct != mt:
+            raise ValueError(
+                f"max_completion_tokens ({mct}) and max_tokens ({mt}) differ: send one of them"
+                " (max_tokens is OpenAI's older name)"
+            )
+        return self
 
     @field_validator("top_logprobs")
     @classmethod
@@ -143,11 +177,11 @@ class ChatCompletionRequest(SamplingFields):
 
 class SessionCreate(StrictModel):
     session_id: SessionId | None = None  # your own name within your tenant; default: a random id
-    prompt: str | list[StrictInt] | None = None  # text (or token ids) to read into the new state
+    prompt: str | list[JSONInt] | None = None  # text (or token ids) to read into the new state
 
 
 class SessionPrime(StrictModel):
-    prompt: str | list[StrictInt]
+    prompt: str | list[JSONInt]
 
 
 class SessionFork(StrictModel):
@@ -155,5 +189,21 @@ class SessionFork(StrictModel):
 
 
 class SessionGenerate(SamplingFields):
-    prompt: str | list[StrictInt]
-    logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    prompt: str | list[JSONInt]
+    logprobs: JSONInt | None = Field(None, ge=0, le=20)
+
+
+# engine finish reasons -> OpenAI finish_reason
+FINISH_REASONS = {
+    "eos": "stop",
+    "stop_token": "stop",
+    "stop": "stop",
+    "length": "length",
+    "abort": "abort",
+    "error": "error",
+}
+
+
+def openai_finish_reason(engine_reason: str | None) -> str | None:
+    """OpenAI's finish_reason for an engine one (None while the request runs)."""
+    return FINISH_REASONS.get(engine_reason, "abort") if engine_reason else None

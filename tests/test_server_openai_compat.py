@@ -104,7 +104,8 @@ def test_chat_malformed_content_is_400(client: TestClient, content: Any) -> None
         ("/v1/completions", "presence_penalty", "0"),
         ("/v1/completions", "min_p", True),
         ("/v1/completions", "max_tokens", "5"),
-        ("/v1/completions", "max_tokens", 5.0),
+        ("/v1/completions", "max_tokens", 5.5),
+        ("/v1/completions", "seed", 2**53),
         ("/v1/completions", "logprobs", True),
         ("/v1/completions", "seed", "7"),
         ("/v1/completions", "logit_bias", {"5": "1.5"}),
@@ -123,6 +124,20 @@ def test_no_coercion_of_strings_and_numbers(client: TestClient, path: str, field
 
 def test_strict_types_still_take_ints_for_floats(client: TestClient) -> None:
     r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "temperature": 0, "top_p": 1})
+    assert r.status_code == 200, r.text
+    # and JSON Schema's integers: 2.0 is the integer 2 (the OpenAPI document says "integer")
+    r = client.post("/v1/completions", json={"prompt": [5.0, 6], "max_tokens": 2.0, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": 2,
+        "total_tokens": 4,
+    }
+
+
+def test_chat_max_tokens_and_max_completion_tokens_must_agree(client: TestClient) -> None:
+    body = {"messages": HI, "max_completion_tokens": 1, "max_tokens": 100}
+    assert "differ" in error_of(client.post("/v1/chat/completions", json=body))["message"]
+    r = client.post("/v1/chat/completions", json={**body, "max_tokens": 1})
     assert r.status_code == 200, r.text
 
 
