@@ -9,20 +9,12 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server.engine import Engine, RequestOutput
+from server.protocol import openai_finish_reason
 from state_store import StoreMetrics, StoreMetricsCollector
 
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 E2E = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 SESSION_EVENTS = ("created", "primed", "resumed", "exported", "imported", "forked", "deleted")
-# engine finish reasons -> OpenAI finish_reason
-FINISH_REASONS = {
-    "eos": "stop",
-    "stop_token": "stop",
-    "stop": "stop",
-    "length": "length",
-    "abort": "abort",
-    "error": "error",
-}
 
 
 class _EngineCollector(Collector):
@@ -92,7 +84,7 @@ class ServerMetrics:
         if out.usage is not None:
             self.prompt_tokens.inc(out.usage.prompt_tokens)
             self.generation_tokens.inc(out.usage.completion_tokens)
-        self.success.labels(finished_reason=FINISH_REASONS.get(out.finish_reason or "abort", "abort")).inc()
+        self.success.labels(finished_reason=openai_finish_reason(out.finish_reason or "abort")).inc()
         if t is None:
             return
         if t.queue_s is not None:

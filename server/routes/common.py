@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from server.engine import EngineSamplingParams, RequestOutput
 from server.errors import APIError
 from server.generation import Collected, Generation, SessionTarget
-from server.metrics import FINISH_REASONS
 from server.protocol import SamplingFields, StreamOptions
+from server.responses import Usage
 from server.runtime import Runtime
 
 ENGINE_ERROR = "the engine failed while serving this request (logged; the session was not changed); retry"
@@ -93,14 +94,10 @@ async def start_generation(
     return gen
 
 
-def finish_reason(out: RequestOutput) -> str | None:
-    return FINISH_REASONS.get(out.finish_reason) if out.finish_reason else None
-
-
-def usage_json(out: RequestOutput) -> dict:
+def usage(out: RequestOutput) -> Usage:
     u = out.usage
     p, c = (u.prompt_tokens, u.completion_tokens) if u else (0, 0)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
 def final_error(gen: Generation, out: RequestOutput) -> APIError | None:
@@ -119,7 +116,9 @@ def final_error(gen: Generation, out: RequestOutput) -> APIError | None:
     return None
 
 
-def sse(obj: dict | str) -> str:
+def sse(obj: BaseModel | dict | str) -> str:
+    if isinstance(obj, BaseModel):
+        return f"data: {obj.model_dump_json()}\n\n"
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
@@ -147,11 +146,11 @@ async def final_result(gen: Generation, request: Request) -> tuple[Collected, Re
 
 def stream_response(
     gen: Generation,
-    chunk: Callable[[RequestOutput], list[dict]],
-    base: dict,
+    chunk: Callable[[RequestOutput], list[BaseModel]],
+    usage_chunk: Callable[[Usage], BaseModel],
     options: StreamOptions | None,
 ) -> StreamingResponse:
-    """SSE: `chunk(out)` for every delta, a usage chunk if asked (`stream_options.include_usage`),
+    """SSE: `chunk(out)` for every delta, `usage_chunk(usage)` if asked (`stream_options.include_usage`),
     errors as error objects, then [DONE].
 
     A client that disconnects aborts the engine request; the generation still saves its session.
@@ -169,7 +168,7 @@ def stream_response(
                     if (err := final_error(gen, out)) is not None:
                         yield sse(err.body())
                     if include_usage:
-                        yield sse({**base, "choices": [], "usage": usage_json(out)})
+                        yield sse(usage_chunk(usage(out)))
             yield sse("[DONE]")
         finally:
             if not finished:
@@ -179,13 +178,11 @@ def stream_response(
 
 
 def response_base(rt: Runtime, id_prefix: str, obj: str, session_id: str | None) -> dict:
-    """The fields every response / chunk of one request shares (OpenAI's, plus our session_id)."""
-    base = {
+    """The fields every response / chunk of one request shares (`ResponseBase`'s)."""
+    return {
         "id": id_prefix + secrets.token_hex(12),
         "object": obj,
         "created": int(time.time()),
         "model": rt.model_name,
+        "session_id": session_id,
     }
-    if session_id:
-        base["session_id"] = session_id
-    return base

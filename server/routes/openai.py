@@ -3,21 +3,38 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
 
 from server.chat import CHAT_STOP, render_chat
 from server.deps import RuntimeDep, TenantDep
 from server.engine import RequestOutput, TokenLogprob
-from server.protocol import ChatCompletionRequest, CompletionRequest, SessionGenerate
+from server.protocol import ChatCompletionRequest, CompletionRequest, SessionGenerate, openai_finish_reason
+from server.responses import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprob,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+)
 from server.routes.common import (
     check_model,
     encode_prompt,
     final_result,
-    finish_reason,
     response_base,
     sampling_params,
     start_generation,
     stream_response,
-    usage_json,
+    usage,
 )
 from server.runtime import Runtime
 
@@ -25,20 +42,17 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 
 
 @router.get("/models")
-async def list_models(rt: RuntimeDep, tenant: TenantDep) -> dict:
-    return {
-        "object": "list",
-        "data": [
-            {"id": rt.model_name, "object": "model", "created": int(rt.started_at), "owned_by": "retserve"}
-        ],
-    }
+async def list_models(rt: RuntimeDep, tenant: TenantDep) -> ModelList:
+    return ModelList(data=[ModelCard(id=rt.model_name, created=int(rt.started_at))])
 
 
 def _tok_str(rt: Runtime, tid: int) -> str:
     return rt.tokenizer.token_bytes(tid).decode("utf-8", errors="replace")
 
 
-def completion_logprobs(rt: Runtime, lps: list[TokenLogprob] | None, offset: int) -> dict | None:
+def completion_logprobs(
+    rt: Runtime, lps: list[TokenLogprob] | None, offset: int
+) -> CompletionLogprobs | None:
     if lps is None:
         return None
     tokens, token_lps, tops, offsets = [], [], [], []
@@ -49,10 +63,10 @@ def completion_logprobs(rt: Runtime, lps: list[TokenLogprob] | None, offset: int
         tops.append({_tok_str(rt, t): v for t, v in lp.top})
         offsets.append(offset)
         offset += len(s)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+    return CompletionLogprobs(tokens=tokens, token_logprobs=token_lps, top_logprobs=tops, text_offset=offsets)
 
 
-def chat_logprobs(rt: Runtime, lps: list[TokenLogprob] | None) -> dict | None:
+def chat_logprobs(rt: Runtime, lps: list[TokenLogprob] | None) -> ChatLogprobs | None:
     if lps is None:
         return None
 
@@ -60,11 +74,14 @@ def chat_logprobs(rt: Runtime, lps: list[TokenLogprob] | None) -> dict | None:
         b = rt.tokenizer.token_bytes(tid)
         return {"token": b.decode("utf-8", errors="replace"), "logprob": v, "bytes": list(b)}
 
-    return {
-        "content": [
-            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in lps
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                **entry(lp.token_id, lp.logprob), top_logprobs=[ChatLogprob(**entry(t, v)) for t, v in lp.top]
+            )
+            for lp in lps
         ]
-    }
+    )
 
 
 async def serve_completion(
@@ -73,7 +90,7 @@ async def serve_completion(
     rt: Runtime,
     tenant: str,
     session_id: str | None,
-):
+) -> CompletionResponse | StreamingResponse:
     """A completion (streamed or not), continuing `session_id`'s state when given: what both
     /v1/completions and /v1/sessions/{id}/generate serve."""
     check_model(rt, body.model)
@@ -93,53 +110,50 @@ async def serve_completion(
     if body.stream:
         offset = 0
 
-        def chunk(out: RequestOutput) -> list[dict]:
+        def chunk(out: RequestOutput) -> list[CompletionResponse]:
             nonlocal offset
             if not out.text and not out.finished and not out.token_ids:
                 return []
-            choice = {
-                "text": out.text,
-                "index": 0,
-                "logprobs": completion_logprobs(rt, out.logprobs, offset),
-                "finish_reason": finish_reason(out) if out.finished else None,
-            }
+            reason = openai_finish_reason(out.finish_reason)
+            lps = completion_logprobs(rt, out.logprobs, offset)
             offset += len(out.text)
-            return [{**base, "choices": [choice]}]
+            choice = CompletionChoice(text=out.text, logprobs=lps, finish_reason=reason)
+            return [CompletionResponse(**base, choices=[choice])]
 
-        return stream_response(gen, chunk, base, body.stream_options)
+        def usage_chunk(u: Usage) -> CompletionResponse:
+            return CompletionResponse(**base, choices=[], usage=u)
+
+        return stream_response(gen, chunk, usage_chunk, body.stream_options)
 
     res, out = await final_result(gen, request)
     lps = completion_logprobs(rt, res.logprobs, 0) if n_lp is not None else None
-    return {
-        **base,
-        "choices": [{"text": res.text, "index": 0, "logprobs": lps, "finish_reason": finish_reason(out)}],
-        "usage": usage_json(out),
-    }
+    choice = CompletionChoice(
+        text=res.text, logprobs=lps, finish_reason=openai_finish_reason(out.finish_reason)
+    )
+    return CompletionResponse(**base, choices=[choice], usage=usage(out))
 
 
-@router.post("/completions")
+@router.post("/completions", response_model=CompletionResponse)
 async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep, tenant: TenantDep):
     return await serve_completion(body, request, rt, tenant, body.session_id)
 
 
-def chat_chunks(rt: Runtime, base: dict, out: RequestOutput, first: bool) -> list[dict]:
+def chat_chunks(rt: Runtime, base: dict, out: RequestOutput, first: bool) -> list[ChatCompletionChunk]:
     """The SSE chunks of one engine delta: the assistant role first, then content, then the finish."""
 
-    def choice(delta: dict, logprobs: dict | None = None, reason: str | None = None) -> dict:
-        return {
-            **base,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}],
-        }
+    def chunk(delta: ChatDelta, logprobs: ChatLogprobs | None = None, reason: str | None = None):
+        choice = ChatChunkChoice(delta=delta, logprobs=logprobs, finish_reason=reason)
+        return ChatCompletionChunk(**base, choices=[choice])
 
-    chunks = [choice({"role": "assistant", "content": ""})] if first else []
+    chunks = [chunk(ChatDelta(role="assistant", content=""))] if first else []
     if out.text or out.token_ids:
-        chunks.append(choice({"content": out.text}, chat_logprobs(rt, out.logprobs)))
+        chunks.append(chunk(ChatDelta(content=out.text), chat_logprobs(rt, out.logprobs)))
     if out.finished:
-        chunks.append(choice({}, None, finish_reason(out)))
+        chunks.append(chunk(ChatDelta(), None, openai_finish_reason(out.finish_reason)))
     return chunks
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(body: ChatCompletionRequest, request: Request, rt: RuntimeDep, tenant: TenantDep):
     check_model(rt, body.model)
     ids = await encode_prompt(rt, render_chat(body.messages))
@@ -159,19 +173,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
     if body.stream:
         sent = 0
 
-        def chunk(out: RequestOutput) -> list[dict]:
+        def chunk(out: RequestOutput) -> list[ChatCompletionChunk]:
             nonlocal sent
             sent += 1
             return chat_chunks(rt, base, out, first=sent == 1)
 
-        return stream_response(gen, chunk, base, body.stream_options)
+        def usage_chunk(u: Usage) -> ChatCompletionChunk:
+            return ChatCompletionChunk(**base, choices=[], usage=u)
+
+        return stream_response(gen, chunk, usage_chunk, body.stream_options)
 
     res, out = await final_result(gen, request)
     lps = chat_logprobs(rt, res.logprobs) if body.logprobs else None
-    message = {"role": "assistant", "content": res.text}
-    return {
-        **base,
-        "object": "chat.completion",
-        "choices": [{"index": 0, "message": message, "logprobs": lps, "finish_reason": finish_reason(out)}],
-        "usage": usage_json(out),
-    }
+    message = ChatResponseMessage(content=res.text)
+    choice = ChatChoice(message=message, logprobs=lps, finish_reason=openai_finish_reason(out.finish_reason))
+    return ChatCompletionResponse(**{**base, "object": "chat.completion"}, choices=[choice], usage=usage(out))

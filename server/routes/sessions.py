@@ -17,6 +17,7 @@ from server.engine import EngineSamplingParams
 from server.errors import APIError
 from server.generation import Generation, SessionTarget, session_exists
 from server.protocol import SESSION_ID_PATTERN, SessionCreate, SessionFork, SessionGenerate, SessionPrime
+from server.responses import CompletionResponse, SessionDeleted, SessionList, SessionObject
 from server.routes.common import encode_prompt, final_result
 from server.routes.openai import serve_completion
 from server.runtime import Runtime
@@ -27,25 +28,24 @@ router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 SidPath = Annotated[str, Path(pattern=SESSION_ID_PATTERN, description="session id")]
 
 
-def session_json(rt: Runtime, info: EntryInfo) -> dict:
+def session_json(rt: Runtime, info: EntryInfo) -> SessionObject:
     m = info.meta
-    return {
-        "id": info.session,
-        "object": "session",
-        "tokens": m.positions[0] if m.positions else 0,
-        "size_bytes": info.size,
-        "version": info.version,
-        "model": rt.model_name,
-        "fingerprint": m.fingerprint,
-        "dtype": m.dtype,
-        "created_at": m.created_at,
-        "updated_at": m.updated_at,
-        "expires_in": info.expires_in,
-        "provenance": m.provenance.to_json(),
-    }
+    return SessionObject(
+        id=info.session,
+        tokens=m.positions[0] if m.positions else 0,
+        size_bytes=info.size,
+        version=info.version,
+        model=rt.model_name,
+        fingerprint=m.fingerprint,
+        dtype=m.dtype,
+        created_at=m.created_at,
+        updated_at=m.updated_at,
+        expires_in=info.expires_in,
+        provenance=m.provenance.to_json(),
+    )
 
 
-async def _info(rt: Runtime, tenant: str, sid: str) -> dict:
+async def _info(rt: Runtime, tenant: str, sid: str) -> SessionObject:
     return session_json(rt, await rt.sessions.info(tenant, sid))
 
 
@@ -63,7 +63,9 @@ async def _read(rt: Runtime, request: Request, target: SessionTarget, ids: list[
 
 
 @router.post("", status_code=201)
-async def create_session(body: SessionCreate, request: Request, rt: RuntimeDep, tenant: TenantDep) -> dict:
+async def create_session(
+    body: SessionCreate, request: Request, rt: RuntimeDep, tenant: TenantDep
+) -> SessionObject:
     sid = body.session_id or new_session_id()
     ids = await encode_prompt(rt, body.prompt) if body.prompt is not None else []
     if ids:
@@ -85,7 +87,7 @@ async def list_sessions(
     tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=4096)] = None,
-) -> dict:
+) -> SessionList:
     try:
         page = await rt.store.list(tenant, cursor=cursor, limit=limit)
         data = []
@@ -97,16 +99,16 @@ async def list_sessions(
         if isinstance(e, ValueError):
             raise APIError(400, f"cursor: {e}", param="cursor") from None
         raise store_error(e, "listing sessions") from None
-    return {"object": "list", "data": data, "next_cursor": page.cursor, "has_more": page.cursor is not None}
+    return SessionList(data=data, next_cursor=page.cursor, has_more=page.cursor is not None)
 
 
 @router.get("/{session_id}")
-async def get_session(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep) -> dict:
+async def get_session(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep) -> SessionObject:
     return await _info(rt, tenant, session_id)
 
 
 @router.delete("/{session_id}")
-async def delete_session(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep) -> dict:
+async def delete_session(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep) -> SessionDeleted:
     async with rt.sessions.lease(tenant, session_id) as lease:
         try:
             deleted = await rt.store.delete(tenant, session_id, lease=lease)
@@ -115,20 +117,20 @@ async def delete_session(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep)
     if not deleted:
         raise session_not_found(session_id)
     rt.metrics.sessions.labels(event="deleted").inc()
-    return {"id": session_id, "object": "session.deleted", "deleted": True}
+    return SessionDeleted(id=session_id)
 
 
 @router.post("/{session_id}/prime")
 async def prime_session(
     session_id: SidPath, body: SessionPrime, request: Request, rt: RuntimeDep, tenant: TenantDep
-) -> dict:
+) -> SessionObject:
     ids = await encode_prompt(rt, body.prompt)
     await _read(rt, request, SessionTarget(tenant, session_id), ids)
     rt.metrics.sessions.labels(event="primed").inc()
     return await _info(rt, tenant, session_id)
 
 
-@router.post("/{session_id}/generate")
+@router.post("/{session_id}/generate", response_model=CompletionResponse)
 async def generate(
     session_id: SidPath, body: SessionGenerate, request: Request, rt: RuntimeDep, tenant: TenantDep
 ):
@@ -141,7 +143,7 @@ async def generate(
 @router.post("/{session_id}/fork", status_code=201)
 async def fork_session(
     session_id: SidPath, rt: RuntimeDep, tenant: TenantDep, body: SessionFork | None = None
-) -> dict:
+) -> SessionObject:
     new_id = (body.session_id if body else None) or new_session_id()
     if new_id == session_id:
         raise APIError(400, "a fork needs a different session_id than its source", param="session_id")
@@ -177,7 +179,9 @@ async def export_state(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep) -
 
 
 @router.put("/{session_id}/state")
-async def import_state(session_id: SidPath, request: Request, rt: RuntimeDep, tenant: TenantDep) -> dict:
+async def import_state(
+    session_id: SidPath, request: Request, rt: RuntimeDep, tenant: TenantDep
+) -> SessionObject:
     """Import a blob exported by GET .../state (any server of the same checkpoint); fully validated."""
     data = await request.body()  # bounded by RETSERVE_MAX_STATE_BYTES (app.BodyLimit)
     if not data:
