@@ -129,7 +129,7 @@ def test_real_states_of_the_shipped_model_pass_the_bounds(tokens: int) -> None:
 
 def test_batches_averages_and_continuations_pass_the_bounds() -> None:
     model = shipped()[0]
-    a, b = read(300, seed=1)[0], read(2000, seed=2)[0]
+    a, b = read(100, seed=100)[0], read(1000, seed=1000)[0]  # cached by the test above
     avg = RetentionState(
         [(x + y) / 2 for x, y in zip(a.layers, b.layers, strict=True)],
         torch.maximum(a.position, b.position),
@@ -158,10 +158,10 @@ def test_a_state_at_its_bound_can_always_be_saved_again() -> None:
     with torch.inference_mode():
         for _ in range(3):
             logits, s = model(torch.randint(0, V, (1, 1), generator=gen), state=s)
-        logits, s = model(torch.randint(0, V, (1, 200), generator=gen), state=s, logits_to_keep=1)
+        logits, s = model(torch.randint(0, V, (1, 70), generator=gen), state=s, logits_to_keep=1)
     assert bool(torch.isfinite(logits).all())
     out = codec().decode(codec().encode(s, logits=logits[:, -1]))
-    assert out.meta.positions == (MAX_POSITION - 1000 + 203,)
+    assert out.meta.positions == (MAX_POSITION - 1000 + 73,)
 
 
 def test_encode_refuses_nan_and_infinite_states() -> None:
@@ -382,7 +382,7 @@ def test_bounds_hold_for_other_shapes(overrides: dict) -> None:
         for layer in model.model.layers:
             layer.attn_norm.weight.uniform_(0.5, 3.0)
     bounds = state_bounds(model)
-    ids = torch.randint(0, model.config.vocab_size, (2, 600), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(1))
     for dtype in (torch.float32, torch.float64):
         with torch.inference_mode():
             logits, s = model.to(dtype)(ids, logits_to_keep=1)
