@@ -11,6 +11,8 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from server.responses import ErrorDetail, ErrorResponse
+
 log = logging.getLogger(__name__)
 
 TYPES = {
@@ -45,16 +47,9 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {
-            "error": {
-                "message": self.message,
-                "type": TYPES.get(
-                    self.status, "server_error" if self.status >= 500 else "invalid_request_error"
-                ),
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        kind = TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        detail = ErrorDetail(message=self.message, type=kind, param=self.param, code=self.code)
+        return ErrorResponse(error=detail).model_dump()
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
