@@ -123,6 +123,9 @@ def test_readme_training_commands_as_written(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        # One torch thread: on a busy machine (a parallel test run, CI) two spinning OpenMP threads
+        # per process made export's recurrent sampling ~10x slower.
+        "OMP_NUM_THREADS": "1",
     }
     timings: dict[str, float] = {}
     outputs: dict[str, str] = {}
