@@ -12,6 +12,10 @@ Usage (from a coroutine)::
 waiting ones) would exceed `max_running + max_waiting`, or the unread prompt tokens would exceed
 `max_queued_prompt_tokens`: nothing is ever queued without bound. Leaving the `async for` early (or
 cancelling the consuming task) aborts the request, as does `abort(request_id)`.
+
+The final output carries the request's `state` and that state's next-token `logits`;
+`EngineRequest([], params, state, logits=logits)` continues from there without new input.
+`EngineRequest(ids, params, dropping=DropSpec(...))` reads its prompt through a token-dropping policy.
 """
 
 from __future__ import annotations
