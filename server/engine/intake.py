@@ -44,9 +44,9 @@ def _check_prompt(request: EngineRequest, vocab: int) -> None:
         )
 
 
-def _check_logits(request: EngineRequest, vocab: int) -> None:
+def _check_logits(request: EngineRequest, model: RetNet) -> None:
     """`logits` (continuing without input): a finite (V,) tensor, with a state and an empty prompt."""
-    logits = request.logits
+    logits, vocab = request.logits, model.config.vocab_size
     if logits is None:
         return
     if request.prompt_ids:
@@ -60,7 +60,7 @@ def _check_logits(request: EngineRequest, vocab: int) -> None:
         raise ValueError(f"logits must be a ({vocab},) tensor (the vocabulary size), got {shape}")
     if not logits.is_floating_point() or not bool(torch.isfinite(logits).all()):
         raise ValueError("logits must be finite floating-point values")
-    request.logits = logits.to("cpu", torch.float32)  # (V,)
+    request.logits = logits.to(model.device, torch.float32)  # (V,) beside the prefill logits it joins
 
 
 def _check_state(request: EngineRequest, model: RetNet) -> None:
@@ -81,7 +81,7 @@ def accept_request(
     vocab = model.config.vocab_size
     sampling = _sampling_row(request, vocab)
     _check_prompt(request, vocab)
-    _check_logits(request, vocab)
+    _check_logits(request, model)
     _check_state(request, model)
     spec = request.dropping
     if spec is not None:

@@ -121,7 +121,7 @@ class BatchRunner:
                 joining.append(live)
         if not joining:
             return
-        first = torch.stack([live.next_logits for live in joining])  # (k, V)
+        first = torch.stack([live.next_logits.float() for live in joining])  # (k, V)
         for live in joining:
             if live.request.params.stop:
                 live.snapshots[0] = (live.state, live.next_logits)
