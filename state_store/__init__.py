@@ -12,7 +12,7 @@
 
 from state_store.base import EntryInfo, Lease, Page, StateStore, StoredState
 from state_store.bounds import StateBounds, StateBoundsError, state_bounds
-from state_store.codec import DecodedState, StateCodec, max_abs_error, max_rel_error
+from state_store.codec import MAX_READ_POSITION, DecodedState, StateCodec, max_abs_error, max_rel_error
 from state_store.errors import (
     CorruptStateError,
     InvalidKeyError,
@@ -38,6 +38,7 @@ from state_store.sessions import LoadedState, SessionStates
 __all__ = [
     "FORMAT_VERSION",
     "MAX_POSITION",
+    "MAX_READ_POSITION",
     "ChecksumError",
     "CorruptStateError",
     "DecodedState",

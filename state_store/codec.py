@@ -14,10 +14,13 @@ that is a max error of 2.8e-3 / 3.6e-4 relative to the layer's largest value, an
 the next token's logits. zlib compression is exact but costs more CPU than it saves on a local or
 LAN Redis (figures in docs/benchmarks.md), so it is off by default.
 Decoding validates the framing, the checksum, the header, the fingerprint, every shape and dtype
-against the model's config, the positions (0 <= p < 2^53), finiteness and, given the model's
+against the model's config, the positions, finiteness and, given the model's
 `StateBounds` (state_store/bounds.py), the magnitude of every head's state and of the logits, and
 raises a `StateCodecError` subclass saying what is wrong. Encoding refuses the same things, so a blob
 the codec writes is one it reads back, and a state it accepts can always be saved again.
+Positions: written if 0 <= p < 2^53 (`MAX_POSITION`), read if 0 <= p < 2^52 (`MAX_READ_POSITION`):
+a state read at the limit can read 2^52 (4.5e15) more tokens and still be saved. (Only a session that
+read over 2^52 tokens writes a blob this codec will not read back.)
 
 Version 1 blobs (before the checksum and logits) are still decoded, with every other check; a
 version 2 blob without its checksum is refused. Encoding always writes version 2.
@@ -72,6 +75,7 @@ _ST_CODES = {
     torch.uint8: "U8",
 }
 DEFAULT_MAX_BATCH = 4096
+MAX_READ_POSITION = 2**52  # decode refuses positions >= this; encode allows up to MAX_POSITION = 2^53
 
 if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
     raise ImportError("state_store's codec needs a little-endian machine")
@@ -225,7 +229,7 @@ class StateCodec:
         storage = self._check_storage(storage_dtype) or self.storage_dtype or state_dtype
         comp = self._check_compression(compression) if compression is not None else self.compression
         position = state.position.detach().to("cpu", torch.long).contiguous()
-        self._check_positions(position, "cannot encode")
+        self._check_positions(position, MAX_POSITION, "cannot encode")
         logits32 = None if logits is None else self._encode_logits(logits, state.batch_size)
         sdt = TORCH_DTYPES[storage]
         stored = []
@@ -268,13 +272,14 @@ class StateCodec:
         return _serialize(tensors, {META_KEY: meta.dumps(), "format": "pt"})
 
     @staticmethod
-    def _check_positions(position: Tensor, what: str) -> None:
-        bad = (position < 0) | (position >= MAX_POSITION)  # (B,)
+    def _check_positions(position: Tensor, limit: int, what: str) -> None:
+        bad = (position < 0) | (position >= limit)  # (B,)
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
             raise CorruptStateError(
-                f"{what}: row {row} has position {int(position[row])}, outside 0 <= position < 2^53"
-                f" ({MAX_POSITION})"
+                f"{what}: row {row} has position {int(position[row])}, outside 0 <= position"
+                f" < 2^{limit.bit_length() - 1} ({limit}; states are read up to 2^52 and written up to"
+                " 2^53, so a state read can always be saved again)"
             )
 
     def _encode_logits(self, logits: Tensor, batch: int) -> Tensor:
@@ -357,7 +362,7 @@ class StateCodec:
         position = self._tensor(buf, frame, "position", torch.int64)
         if position.tolist() != list(meta.positions):
             raise CorruptStateError("the position tensor disagrees with the positions in the header")
-        self._check_positions(position, "the state")  # (also checked in the header)
+        self._check_positions(position, MAX_READ_POSITION, "the state")
         logits = self._decode_logits(buf, frame, B) if meta.logits else None
         sdt = TORCH_DTYPES[meta.dtype]
         out_dt = TORCH_DTYPES[meta.state_dtype]

@@ -15,7 +15,9 @@ not forgery: anyone can recompute it, so every other check still runs.
 
 Version 1 blobs (no checksum, no logits) are still read, with every other check (shapes, finiteness,
 positions, bounds); writers always write version 2. Positions are limited to 0 <= p < 2^53
-(`MAX_POSITION`): exact in a float64, and far beyond any real sequence.
+(`MAX_POSITION`): exact in a float64, and far beyond any real sequence. The codec reads states only
+up to 2^52 (`MAX_READ_POSITION`, state_store/codec.py), so that an imported state can read 2^52
+more tokens before it reaches what can be written: it can always be saved again.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 - Magnitudes: `state_bounds(model)` bounds every (layer, head) state norm and every logit; the codec
   refuses states beyond them (FLT_MAX states imported before and then failed every save), and real
   states of the shipped model (prompts up to 4k tokens, fp32 / bf16 / fp16 storage, averages) pass.
-- Positions: 0 <= position < 2^53, on encode and decode.
+- Positions: written below 2^53, read below 2^52 (room to read 2^52 more tokens and save again).
 - Checksum: a flipped byte anywhere (length prefix, header, any tensor) is refused.
 - Logits: stored exactly as float32 in the same blob, validated like the rest.
 """
@@ -26,6 +26,7 @@ from model.retnet import RetNet
 from model.state import RetentionState
 from state_store import (
     MAX_POSITION,
+    MAX_READ_POSITION,
     ChecksumError,
     CorruptStateError,
     MemoryStateStore,
@@ -149,7 +150,7 @@ def test_a_state_at_its_bound_can_always_be_saved_again() -> None:
     """The bound is closed under the model's update: a state accepted at 99% of it, after more tokens
     (recurrent steps and a chunked prompt), still encodes, with finite logits within their bound."""
     model, bounds, _ = shipped()
-    s = _state_like(read(50)[0], position=MAX_POSITION - 1000)
+    s = _state_like(read(50)[0], position=MAX_READ_POSITION - 1000)
     for i, t in enumerate(s.layers):
         norms = t.double().norm(dim=(-2, -1))  # (B, H)
         t.mul_((0.99 * bounds.state_norm[i] / norms).float()[..., None, None])
@@ -161,7 +162,7 @@ def test_a_state_at_its_bound_can_always_be_saved_again() -> None:
         logits, s = model(torch.randint(0, V, (1, 70), generator=gen), state=s, logits_to_keep=1)
     assert bool(torch.isfinite(logits).all())
     out = codec().decode(codec().encode(s, logits=logits[:, -1]))
-    assert out.meta.positions == (MAX_POSITION - 1000 + 73,)
+    assert out.meta.positions == (MAX_READ_POSITION - 1000 + 73,)
 
 
 def test_encode_refuses_nan_and_infinite_states() -> None:
@@ -206,9 +207,16 @@ def test_positions_out_of_range_are_refused(position: int) -> None:
         codec().decode(blob)
 
 
-def test_largest_position_is_accepted() -> None:
-    s = _state_like(read(16)[0], position=MAX_POSITION - 1)
-    assert codec().decode(codec().encode(s)).meta.positions == (2**53 - 1,)
+def test_states_are_read_below_2_52_and_written_below_2_53() -> None:
+    """An imported state at the read limit can read 2^52 more tokens and still be saved."""
+    s = read(16)[0]
+    top = _state_like(s, position=MAX_READ_POSITION - 1)
+    assert codec().decode(codec().encode(top)).meta.positions == (2**52 - 1,)
+    far = codec().encode(_state_like(s, position=MAX_POSITION - 1))  # written (after 2^52 more tokens)
+    with pytest.raises(CorruptStateError, match=r"row 0 has position 4503599627370496, .* < 2\^52"):
+        codec().decode(codec().encode(_state_like(s, position=MAX_READ_POSITION)))
+    with pytest.raises(CorruptStateError, match="2\\^52"):
+        codec().decode(far)
 
 
 # ---- checksum ---------------------------------------------------------------------------------
