@@ -67,3 +67,44 @@ def test_a_request_id_already_in_the_engine_is_refused_until_it_finished():
 
     a, b, load = asyncio.run(main())
     assert a[0] == b[0] and len(a[0]) == 2 and load["requests"] == 0
+
+
+def test_aborting_one_of_identical_requests_waiting_or_running():
+    """Aborts look requests up in the queues and the batch: by identity, never by comparing states."""
+    ids = tok().encode(TEXT)
+    base = prefix_state(ids[:12])
+
+    async def main():
+        eng = Engine(model(), tok(), EngineConfig(max_running=4), start=False)
+        try:
+            streams = [
+                eng.submit(
+                    EngineRequest(
+                        ids[12:30], EngineSamplingParams(temperature=0, max_tokens=20), base.clone()
+                    )
+                )
+                for _ in range(8)
+            ]
+            streams[7].abort()  # still waiting when the loop starts (4 rows)
+            eng.start()
+            outs = [[] for _ in streams]
+
+            async def consume(i):
+                async for out in streams[i]:
+                    outs[i].append(out)
+                    if i == 0 and len(outs[0]) == 1:
+                        streams[1].abort()  # running beside three identical rows
+
+            await asyncio.gather(*(consume(i) for i in range(8)))
+            return outs
+        finally:
+            eng.shutdown()
+
+    outs = asyncio.run(main())
+    finals = [o[-1] for o in outs]
+    assert finals[7].finish_reason == "abort" and finals[7].state is None
+    assert finals[1].finish_reason == "abort" and finals[1].state is not None
+    normal = [i for i in range(7) if i != 1]
+    assert all(finals[i].finish_reason == "length" for i in normal)
+    tokens = [[t for o in outs[i] for t in o.token_ids] for i in normal]
+    assert all(t == tokens[0] for t in tokens) and len(tokens[0]) == 20
