@@ -230,37 +230,48 @@ class Engine:
             )
             self._released(live)
 
-    def _run(self) -> None:
+    def _take_work(self) -> tuple[list[LiveRequest], list[str], bool]:
+        """Wait for something to do: (new requests, request ids to abort, stopping)."""
+        with self._cond:
+            while not (self._inbox or self._aborts or self._stopping or self._runner.sched.has_work()):
+                self._cond.wait()
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+            return inbox, aborts, self._stopping
+
+    def _serve(self, aborts: list[str], stopping: bool) -> bool:
+        """Apply aborts, then run one iteration (or, stopping, end every request); True once stopped."""
         runner = self._runner
+        for rid in aborts:
+            live = self._live.get(rid)
+            if live is not None:
+                runner.abort(live)
+        if stopping:
+            runner.abort_all()
+            return True
+        if runner.sched.has_work():
+            self.stats.append(runner.step())
+            self.consecutive_failures = 0
+            self.iterations += 1
+        return False
+
+    def _run(self) -> None:
         try:
-            runner.decode_step.warmup()  # compiles on this thread before the first request
+            self._runner.decode_step.warmup()  # compiles on this thread before the first request
             while True:
-                with self._cond:
-                    while not (self._inbox or self._aborts or self._stopping or runner.sched.has_work()):
-                        self._cond.wait()
-                    inbox, self._inbox = self._inbox, []
-                    aborts, self._aborts = self._aborts, []
-                    stopping = self._stopping
+                inbox, aborts, stopping = self._take_work()
                 for live in inbox:
                     self._live[live.request.request_id] = live
-                    runner.sched.waiting.append(live)
-                for rid in aborts:
-                    live = self._live.get(rid)
-                    if live is not None:
-                        runner.abort(live)
-                if stopping:
-                    runner.abort_all()
-                    return
-                if runner.sched.has_work():
-                    try:
-                        self.stats.append(runner.step())
-                        self.consecutive_failures = 0
-                    except Exception:  # fail this batch's requests, keep serving (/ready reports a streak)
-                        self.consecutive_failures += 1
-                        log.exception("engine iteration failed: its requests end with 'error'; batch reset")
-                        self._fail_all()
-                        runner = self._runner = self._new_runner()
+                    self._runner.sched.waiting.append(live)
+                try:
+                    if self._serve(aborts, stopping):
+                        return
+                except Exception:  # fail the batch's requests, keep serving (/ready reports a streak)
+                    self.consecutive_failures += 1
                     self.iterations += 1
+                    log.exception("engine iteration failed: its requests end with 'error'; batch reset")
+                    self._fail_all()
+                    self._runner = self._new_runner()
                 self._flush()
         except BaseException as exc:  # keep the error; end every request rather than hang clients
             with self._cond:
