@@ -164,7 +164,6 @@ class Generation:
         """Wait for the whole completion (non-streaming responses)."""
         c = Collected()
         async for out in self.outputs():
-            c.token_ids += out.token_ids
             c.text += out.text
             c.logprobs += out.logprobs or []
             if out.finished:
@@ -182,7 +181,6 @@ def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
 
 @dataclass
 class Collected:
-    token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     final: RequestOutput | None = None
