@@ -148,7 +148,8 @@ class BatchRunner:
                 self.completions.finish(live, reason, (self.batch_state.select([i]), logits[i]))
                 continue
             if live.request.params.stop:
-                live.snapshots[live.absorbed] = (self.batch_state.select([i]), logits[i])
+                # a copy of the row: a view would keep this step's whole (B, V) logits alive
+                live.snapshots[live.absorbed] = (self.batch_state.select([i]), logits[i].clone())
             sample_rows.append(i)
         if sample_rows:
             self.completions.sample_and_accept([running[i] for i in sample_rows], logits[sample_rows])
