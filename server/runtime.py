@@ -168,7 +168,7 @@ async def start_runtime(settings: Settings) -> Runtime:
         engine=engine,
         store=store,
         states=states,
-        sessions=SessionService(states, settings, metrics),
+        sessions=SessionService(states, settings, metrics.state_bytes),
         metrics=metrics,
         limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
         device=device,

@@ -18,9 +18,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from prometheus_client import Histogram
+
 from model.state import RetentionState
 from server.errors import APIError
-from server.metrics import ServerMetrics
 from server.settings import Settings
 from state_store import (
     EntryInfo,
@@ -91,11 +92,11 @@ class HeldLease:
 class SessionService:
     """Lease, load and save sessions for the routes; owns the queue of leases still to release."""
 
-    def __init__(self, states: SessionStates, settings: Settings, metrics: ServerMetrics) -> None:
+    def __init__(self, states: SessionStates, settings: Settings, state_bytes: Histogram) -> None:
         self.states = states
         self.store = states.store
         self.settings = settings
-        self.metrics = metrics
+        self.state_bytes = state_bytes  # sizes of the states loaded
         self.pending: dict[str, HeldLease] = {}  # by lease token: releases that failed (store down)
         self._wake = asyncio.Event()
 
@@ -179,7 +180,7 @@ class SessionService:
             if must_exist:
                 raise session_not_found(session_id)
             return None
-        self.metrics.state_bytes.observe(loaded.info.size)
+        self.state_bytes.observe(loaded.info.size)
         return loaded
 
     async def save(

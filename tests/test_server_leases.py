@@ -9,17 +9,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Histogram
 from pydantic import ValidationError
 
+from server.session_service import SessionService
 from server.settings import Settings
+from state_store import LockHeldError, RedisStateStore, SessionStates
 from tests.server_support import run_server
-from tests.test_state_support import RedisServer
+from tests.test_state_support import RedisServer, run, tiny_codec
 
 N_STREAMS = 16
 # a stream that runs until its client leaves (the small model writes thousands of tokens a second)
@@ -160,6 +164,66 @@ def test_concurrent_generates_on_primed_sessions():
         ]
         assert not bad, bad
         assert all(r.json()["usage"]["prompt_tokens"] > 0 for r in results)
+
+
+def _service(redis_srv: RedisServer, ttl: float) -> SessionService:
+    store = RedisStateStore.from_url(
+        redis_srv.url, socket_timeout=0.5, connect_timeout=0.5, op_timeout=1.0, retries=1, backoff_cap=0.05
+    )
+    settings = Settings(session_lock_ttl_s=ttl, session_lock_renew_s=ttl / 3)
+    return SessionService(
+        SessionStates(store, tiny_codec()), settings, Histogram("b", "b", registry=CollectorRegistry())
+    )
+
+
+def test_a_release_that_failed_is_retried_when_redis_is_back(tmp_path):
+    """The service level of the crash test: the lease key survives in the AOF; the queued release
+    frees it within a second of Redis answering, far before its 30 s TTL."""
+    redis_srv = RedisServer(tmp_path, extra=["--appendonly", "yes", "--appendfsync", "always"])
+    redis_srv.start()
+
+    async def main() -> None:
+        svc = _service(redis_srv, ttl=30.0)
+        async with svc.lease("t", "s1"):
+            redis_srv.kill()
+        assert len(svc.pending) == 1  # the release failed: queued
+        assert await svc.flush_releases() == 1  # still down: stays queued
+        await asyncio.to_thread(redis_srv.start)
+        with pytest.raises(LockHeldError):  # the lease key came back from the AOF
+            await svc.store.acquire("t", "s1", 1.0)
+        back = time.monotonic()
+        retries = asyncio.get_running_loop().create_task(svc.retry_releases())
+        while svc.pending:
+            assert time.monotonic() - back < 2.0, "the queued release was not retried"
+            await asyncio.sleep(0.02)
+        lease = await svc.store.acquire("t", "s1", 1.0)  # free now
+        await svc.store.release(lease)
+        retries.cancel()
+        await svc.store.close()
+
+    try:
+        run(main())
+    finally:
+        redis_srv.kill()
+
+
+def test_a_queued_release_is_dropped_once_its_lease_expired(tmp_path):
+    redis_srv = RedisServer(tmp_path)
+    redis_srv.start()
+
+    async def main() -> None:
+        svc = _service(redis_srv, ttl=0.3)
+        async with svc.lease("t", "s1"):
+            redis_srv.kill()
+        assert len(svc.pending) == 1
+        await asyncio.sleep(0.4)
+        assert await svc.flush_releases() == 0  # expired in the store by itself: nothing to retry
+        await svc.store.close()
+
+    try:
+        run(main())
+    finally:
+        redis_srv.kill()
 
 
 def test_lease_renewal_must_be_shorter_than_the_ttl():
