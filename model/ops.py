@@ -151,26 +151,64 @@ def naive_retention(
 def _decay_block(
     log_gamma: Tensor, counts: Tensor | None, T: int, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Decay factors for one block of T steps.
+    """Decay factors for one block of T steps (or several blocks at once).
 
-    counts: (B, T) int, cumulative number of advancing steps within the block, or None when every
-    step advances (then counts = 1..T and the factors are shared across the batch).
+    counts: (*lead, T) int, cumulative number of advancing steps within the block, or None when every
+    step advances (then counts = 1..T and the factors are shared across the batch). lead is (B,) for
+    one block per row, (B, G) for G blocks per row.
     Returns (D, q_decay, k_decay):
-      D       (B|1, H, T, T)  gamma^{c_i - c_j} for j <= i, else 0
-      q_decay (B|1, H, T, 1)  gamma^{c_i}          (applied to q for the initial-state term)
-      k_decay (B|1, H, T, 1)  gamma^{c_T - c_j}    (applied to k for the final state)
+      D       (*lead|1, H, T, T)  gamma^{c_i - c_j} for j <= i, else 0
+      q_decay (*lead|1, H, T, 1)  gamma^{c_i}          (applied to q for the initial-state term)
+      k_decay (*lead|1, H, T, 1)  gamma^{c_T - c_j}    (applied to k for the final state)
     """
     device = log_gamma.device
     if counts is None:
         counts = torch.arange(1, T + 1, device=device)[None]  # (1, T)
-    c = counts.to(torch.float64)[:, None, :]  # (B|1, 1, T)
-    lg = log_gamma[None, :, None]  # (1, H, 1)
-    diff = c[..., :, None] - c[..., None, :]  # (B|1, 1, T, T)
+    c = counts.to(torch.float64)[..., None, :]  # (*lead, 1, T)
+    lg = log_gamma[:, None]  # (H, 1)
+    diff = c[..., :, None] - c[..., None, :]  # (*lead, 1, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
     D = torch.exp(diff * lg[..., None]).masked_fill(~causal, 0.0)
     q_decay = torch.exp(c * lg)[..., None]
     k_decay = torch.exp((c[..., -1:] - c) * lg)[..., None]
     return D.to(dtype), q_decay.to(dtype), k_decay.to(dtype)
+
+
+_GROUP_ELEMENTS = 1 << 22  # decay factors of this many (B, H, n, n) entries are built in one go
+
+
+class _ChunkDecays:
+    """Per-row decay factors of the chunks of a masked / gapped sequence, built a group of chunks at a
+    time (one set of tensor ops per group instead of per chunk; the values are those of _decay_block)."""
+
+    def __init__(self, log_gamma: Tensor, steps: Tensor, chunk_size: int, dtype: torch.dtype) -> None:
+        B, T = steps.shape
+        self.log_gamma, self.cs, self.dtype = log_gamma, chunk_size, dtype
+        counts = steps.long().cumsum(-1)  # (B, T)
+        self.padded = torch.nn.functional.pad(counts, (1, 0))  # (B, T + 1): counts before each token
+        self.full = T // chunk_size  # complete chunks
+        per_chunk = B * log_gamma.shape[0] * chunk_size * chunk_size
+        self.group = max(1, min(16, _GROUP_ELEMENTS // per_chunk))
+        self.cached: tuple[int, tuple[Tensor, Tensor, Tensor]] | None = None
+
+    def local(self, start: int, end: int) -> Tensor:
+        """Counts within the chunk(s) [start, end): (B, end - start)."""
+        return self.padded[:, start + 1 : end + 1] - self.padded[:, start : start + 1]
+
+    def __call__(self, index: int, start: int, end: int) -> tuple[Tensor, Tensor, Tensor]:
+        cs = self.cs
+        if index >= self.full:  # the last, shorter chunk
+            return _decay_block(self.log_gamma, self.local(start, end), end - start, self.dtype)
+        g = index // self.group
+        if self.cached is None or self.cached[0] != g:
+            c0, c1 = g * self.group, min((g + 1) * self.group, self.full)
+            B = self.padded.shape[0]
+            local = self.padded[:, c0 * cs + 1 : c1 * cs + 1].view(B, c1 - c0, cs)
+            local = local - self.padded[:, c0 * cs : c1 * cs : cs, None]  # (B, G, cs)
+            self.cached = (g, _decay_block(self.log_gamma, local, cs, self.dtype))  # (B, G, H, ...)
+        i = index - g * self.group
+        D, qd, kd = self.cached[1]
+        return D[:, i], qd[:, i], kd[:, i]
 
 
 def _parallel_block(
@@ -234,15 +272,20 @@ def chunk_retention(
     q, k, v, s, steps = _prepare(q, k, v, initial_state, mask, keep, scale, decay_steps)
     T = q.shape[2]
     log_gamma = retention_log_decay(q.shape[1], q.device)
+    if steps is not None and steps.dtype != torch.bool and T > 0:
+        factored = _chunk_factored(q, k, v, s, steps, log_gamma, chunk_size, output_final_state)
+        if factored is not None:
+            return factored[0].to(in_dtype), factored[1]
     full_decay = None if steps is not None else _decay_block(log_gamma, None, min(chunk_size, T), q.dtype)
+    row_decays = None if steps is None else _ChunkDecays(log_gamma, steps, chunk_size, q.dtype)
     outs = []
-    for start in range(0, T, chunk_size):
+    for index, start in enumerate(range(0, T, chunk_size)):
         end = min(start + chunk_size, T)
         n = end - start
-        if steps is None:
+        if row_decays is None:
             decay = full_decay if n == chunk_size else _decay_block(log_gamma, None, n, q.dtype)
         else:
-            decay = _decay_block(log_gamma, steps[:, start:end].long().cumsum(-1), n, q.dtype)
+            decay = row_decays(index, start, end)
         is_last = end == T
         o, s_next = _parallel_block(
             q[:, :, start:end],
@@ -256,6 +299,63 @@ def chunk_retention(
         s = s_next
     o = torch.cat(outs, dim=2) if outs else q.new_zeros(*q.shape[:3], v.shape[-1])
     return o.to(in_dtype), (s if output_final_state else None)
+
+
+# Largest |exponent| the factored form lets a decay factor reach (exp overflows beyond ~88 / ~709).
+# Above the diagonal a_i * b_j may still overflow: those entries are masked out, never multiplied.
+_FACTOR_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
+
+
+def _chunk_factored(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    s: Tensor,
+    steps: Tensor,
+    log_gamma: Tensor,
+    chunk_size: int,
+    output_final_state: bool,
+) -> tuple[Tensor, Tensor | None] | None:
+    """Chunk form for per-token decay steps with the decay matrix factored, D_ij = a_i * b_j.
+
+    With c the steps counted from the chunk's start and m half the chunk's total,
+    gamma^(c_i - c_j) = gamma^(c_i - m) * gamma^(m - c_j): the factors go into q and k for the whole
+    sequence at once, and each chunk needs only matmuls and the causal mask (no (T, T) exponentials,
+    which cost as much as the retention itself). Returns None, for the caller to use the exact
+    per-chunk form, when a chunk spans so many steps that a factor could overflow.
+    Inputs are prepared (q scaled, k zeroed where nothing is written); steps (B, T) int64.
+    """
+    T = q.shape[2]
+    dt, dev, cs = q.dtype, q.device, chunk_size
+    counts = steps.cumsum(-1)  # (B, T)
+    before = torch.nn.functional.pad(counts, (1, 0))  # (B, T + 1): counts before each token
+    pos = torch.arange(T, device=dev)
+    start = (pos // cs) * cs  # (T,) each token's chunk start
+    last = torch.clamp(start + cs, max=T) - 1  # (T,) and its chunk's last token
+    base = before[:, start]  # (B, T)
+    c = (counts - base).to(torch.float64)  # (B, T): steps since the chunk's start
+    c_end = (counts[:, last] - base).to(torch.float64)  # (B, T): the chunk's total
+    lg = log_gamma[None, :, None]  # (1, H, 1)
+    if float(c_end.max()) * float(-log_gamma.min()) / 2 > _FACTOR_LIMIT[dt]:
+        return None
+    half = (c_end / 2)[:, None]  # (B, 1, T)
+    c3, c_end3 = c[:, None], c_end[:, None]
+    a = torch.exp((c3 - half) * lg).to(dt)[..., None]  # (B, H, T, 1)
+    b = torch.exp((half - c3) * lg).to(dt)[..., None]
+    qd = torch.exp(c3 * lg).to(dt)[..., None]  # gamma^c: the initial state's decay at each token
+    kd = torch.exp((c_end3 - c3) * lg).to(dt)[..., None]  # gamma^(c_end - c): to the chunk's end
+    qa, kb, qq, kk = q * a, k * b, q * qd, k * kd  # (B, H, T, Dk)
+    future = torch.ones(cs, cs, dtype=torch.bool, device=dev).triu(1)
+    outs = []
+    for st in range(0, T, cs):
+        en = min(st + cs, T)
+        n = en - st
+        scores = torch.matmul(qa[:, :, st:en], kb[:, :, st:en].transpose(-1, -2))  # (B, H, n, n)
+        scores = scores.masked_fill_(future[:n, :n], 0.0)
+        outs.append(torch.matmul(scores, v[:, :, st:en]) + torch.matmul(qq[:, :, st:en], s))  # (B, H, n, Dv)
+        if en < T or output_final_state:
+            s = qd[:, :, en - 1 : en] * s + torch.matmul(kk[:, :, st:en].transpose(-1, -2), v[:, :, st:en])
+    return torch.cat(outs, dim=2), (s if output_final_state else None)
 
 
 def recurrent_retention(

@@ -10,7 +10,13 @@ import torch
 
 from model.config import preset
 from model.dropping import POLICIES, DropSpec, keep_mask, prefill_dropping, token_scores
-from model.ops import retention_log_decay
+from model.ops import (
+    chunk_retention,
+    naive_retention,
+    parallel_retention,
+    recurrent_retention,
+    retention_log_decay,
+)
 from model.retnet import RetNet
 from model.state import RetentionState
 
@@ -268,3 +274,45 @@ def test_bad_inputs(m64):
         prefill_dropping(m64, _ids(1, 4, 0), spec, chunk_size=0)
     with pytest.raises(ValueError, match="keep_from_layer"):
         m64(_ids(1, 4, 0), keep_from_layer=3)
+
+
+# ---- the ops' decay_steps (gaps of a compacted sequence) ----------------------------------------
+def _op_inputs(T: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(2, 3, T, 8, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    v = torch.randn(2, 3, T, 6, generator=g, dtype=torch.float64).to(dtype)
+    s0 = torch.randn(2, 3, 8, 6, generator=g, dtype=torch.float64).to(dtype)
+    return q, k, v, s0
+
+
+# gap 4000: chunk 16 runs the factored form with overflowing entries above the diagonal (masked),
+# chunk 37 spans too many steps for it and takes the exact per-chunk fallback.
+@pytest.mark.parametrize("gap", [3, 4000])
+@pytest.mark.parametrize("cs", [1, 16, 37])
+def test_decay_steps_in_every_form_match_the_reference(gap, cs):
+    T = 75
+    q, k, v, s0 = _op_inputs(T, torch.float64, 8)
+    steps = torch.randint(1, gap + 1, (2, T), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones(2, T, dtype=torch.bool)
+    mask[1, -10:] = False  # right pads of a compacted ragged batch
+    o_ref, s_ref = naive_retention(q, k, v, s0, mask=mask, decay_steps=steps)
+    for fn in (
+        parallel_retention,
+        recurrent_retention,
+        lambda *a, **kw: chunk_retention(*a, chunk_size=cs, **kw),
+    ):
+        o, s = fn(q, k, v, s0, mask=mask, decay_steps=steps)
+        real = mask[:, None, :, None].expand_as(o)
+        assert (o - o_ref)[real].abs().max().item() < 1e-10
+        assert (s - s_ref).abs().max().item() < 1e-10
+
+
+def test_decay_steps_of_ones_equal_no_steps_float32():
+    q, k, v, s0 = _op_inputs(200, torch.float32, 10)
+    o_ref, s_ref = chunk_retention(q, k, v, s0)
+    o, s = chunk_retention(q, k, v, s0, decay_steps=torch.ones(2, 200, dtype=torch.long))
+    assert _rel(o, o_ref) < 1e-5 and _rel(s, s_ref) < 1e-5
+    with pytest.raises(ValueError, match="decay_steps must be >= 0"):
+        chunk_retention(q, k, v, s0, decay_steps=-torch.ones(2, 200, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        chunk_retention(q, k, v, s0, decay_steps=torch.ones(2, 200))
