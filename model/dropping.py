@@ -169,6 +169,11 @@ def keep_mask(
     return (rank < count[:, None]) & real
 
 
+def _take(t: Tensor, flat: Tensor, B: int) -> Tensor:
+    """Rows `flat` (indices into the flattened (B * T) leading axes) of t (B, T, ...) -> (B, Tc, ...)."""
+    return t.reshape(-1, *t.shape[2:]).index_select(0, flat).view(B, -1, *t.shape[2:])
+
+
 def _last_real(mask: Tensor | None, B: int, T: int, device: torch.device) -> Tensor:
     """Index (B,) of each row's last real token."""
     if mask is None:
@@ -256,13 +261,14 @@ def prefill_dropping(
         Tc = int(K.max())
         idx = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[:, :Tc]  # (B, Tc)
         cmask = torch.arange(Tc, device=device)[None] < K[:, None]  # (B, Tc)
-        cpos = positions.gather(1, idx)  # (B, Tc) original positions
+        flat = (idx + torch.arange(B, device=device)[:, None] * T).flatten()  # (B * Tc,)
+        cpos = _take(positions, flat, B)  # (B, Tc) original positions
         prev = torch.cat([state.position.to(device)[:, None] - 1, cpos[:, :-1]], 1)
         steps = (cpos - prev).masked_fill(~cmask, 0)  # (B, Tc): the real gap before each kept token
-        ctx = x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))  # (B, Tc, D)
+        ctx = _take(x, flat, B)  # (B, Tc, D)
         crope = model.rotary(cpos, x.dtype)
         if kv is not None:
-            kv = tuple(t.gather(1, idx[:, :, None, None].expand(-1, -1, *t.shape[2:])) for t in kv)
+            kv = (_take(kv[0], flat, B), _take(kv[1], flat, B))
         if bool(cmask.all()):
             cmask = None
         last = K - 1
