@@ -10,6 +10,7 @@ import hmac
 from collections.abc import Mapping
 
 from server.errors import APIError
+from server.ratelimit import RateLimiter
 
 ANONYMOUS = "anonymous"  # the rate-limit bucket of everyone when no keys are configured
 
@@ -32,3 +33,13 @@ def match_key(keys: Mapping[str, str], authorization: str) -> str:
     if found is None:
         raise unauthorized("invalid API key")
     return found
+
+
+def rate_limited(limiter: RateLimiter, wait: float) -> APIError:
+    """The 429 for a caller who must wait `wait` seconds for the next token of its bucket."""
+    return APIError(
+        429,
+        f"rate limit of {limiter.rate:g} requests/s exceeded; retry after {wait:.2f}s",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": RateLimiter.retry_after(wait)},
+    )

@@ -27,10 +27,9 @@ from starlette.datastructures import Headers
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.auth import ANONYMOUS, match_key
+from server.auth import ANONYMOUS, match_key, rate_limited
 from server.deps import get_tenant
 from server.errors import APIError, send_error
-from server.ratelimit import RateLimiter
 from server.settings import Settings
 
 SPOOL_MEMORY_BYTES = 1 << 20  # a state upload is held in memory up to this, then in a temporary file
@@ -200,12 +199,7 @@ class RequestGuard:
         bucket = match_key(keys, headers.get("authorization", "")) if keys else ANONYMOUS
         wait = rt.limiter.peek(bucket)
         if wait > 0:
-            raise APIError(
-                429,
-                f"rate limit of {rt.limiter.rate:g} requests/s exceeded; retry after {wait:.2f}s",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": RateLimiter.retry_after(wait)},
-            )
+            raise rate_limited(rt.limiter, wait)
 
     def _check_upload(self, length: int | None) -> None:
         """413 for a declared length over the limit, 503 when every upload slot is taken."""

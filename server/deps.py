@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from server.auth import ANONYMOUS, match_key, rate_limited
 from server.errors import APIError
-from server.ratelimit import RateLimiter
 from server.runtime import Runtime
 from server.settings import DEFAULT_TENANT
 
@@ -27,35 +26,13 @@ def get_tenant(request: Request, rt: RuntimeDep) -> str:
     """The tenant of the Bearer key (401 without a valid one when keys are configured); rate limited."""
     keys = rt.settings.api_keys
     if not keys:
-        tenant, bucket = DEFAULT_TENANT, "anonymous"
+        tenant, bucket = DEFAULT_TENANT, ANONYMOUS
     else:
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise APIError(
-                401,
-                "missing API key: send 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        given = token.strip().encode()
-        bucket = None  # the rate limit is per key
-        for key in keys:  # constant-time compare against every key
-            if hmac.compare_digest(key.encode(), given):
-                bucket = key
-        if bucket is None:
-            raise APIError(
-                401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
-            )
+        bucket = match_key(keys, request.headers.get("authorization", ""))  # the rate limit is per key
         tenant = keys[bucket]
     wait = rt.limiter.take(bucket)
     if wait > 0:
-        raise APIError(
-            429,
-            f"rate limit of {rt.limiter.rate:g} requests/s exceeded; retry after {wait:.2f}s",
-            code="rate_limit_exceeded",
-            headers={"Retry-After": RateLimiter.retry_after(wait)},
-        )
+        raise rate_limited(rt.limiter, wait)
     return tenant
 
 

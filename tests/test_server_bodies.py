@@ -187,6 +187,8 @@ def test_unauthenticated_big_uploads_are_refused_without_memory_growth(keyed_url
     results = [u.result() for u in uploads]
     growth = watch.growth()
 
+    sent = [u.sent // MB for u in uploads]
+    print(f"4 refused 200 MB uploads: RSS grew {growth / MB:.1f} MB; MB sent before the answer: {sent}")
     statuses = [r[0] for r in results]
     assert statuses == [401, 401, 404, 404], results
     for status, _, body in results:
