@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -74,6 +74,11 @@ class ServerMetrics:
             registry=r,
         )
         self.http_errors = Counter(p + "http_errors", "Error responses.", ["status"], registry=r)
+        self.leases_unreleased = Gauge(  # the runtime sets its function (SessionService.pending)
+            p + "session_leases_unreleased",
+            "Session leases not released yet because the store was unreachable (retried in the background).",
+            registry=r,
+        )
         r.register(_EngineCollector(engine))
         if store_metrics is not None:
             r.register(StoreMetricsCollector(store_metrics, prefix="retserve:state_store"))

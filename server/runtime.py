@@ -173,6 +173,7 @@ async def start_runtime(settings: Settings) -> Runtime:
         limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
         device=device,
     )
+    metrics.leases_unreleased.set_function(lambda: len(rt.sessions.pending))
     rt.start_background()
     # warm-up: one short request through the whole engine path
     ids = tokenizer.encode("Hello")

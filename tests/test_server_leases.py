@@ -88,7 +88,10 @@ def test_sessions_usable_soon_after_redis_crash_and_aof_restart(tmp_path):
                 stop.set()  # the clients leave: aborted, saves and releases fail while Redis is down
                 assert all(f.result(timeout=60) > 0 for f in futs)
             assert c.post("/v1/sessions/crash-0/generate", json={"prompt": "x"}).status_code == 503
-            time.sleep(0.5)
+            deadline = time.monotonic() + 15
+            while f"retserve:session_leases_unreleased {N_STREAMS}.0" not in c.get("/metrics").text:
+                assert time.monotonic() < deadline, "the failed releases were not queued"
+                time.sleep(0.1)
 
             redis_srv.start()  # same port and directory: loads the AOF, answers PING when it returns
             back = time.monotonic()
@@ -102,6 +105,7 @@ def test_sessions_usable_soon_after_redis_crash_and_aof_restart(tmp_path):
                 assert r.status_code == 200, (sid, r.text)
             took = time.monotonic() - back
             assert took < 5.0, f"sessions were usable only {took:.1f}s after Redis came back"
+            assert "retserve:session_leases_unreleased 0.0" in c.get("/metrics").text
     finally:
         redis_srv.kill()
 
