@@ -9,8 +9,14 @@ by *queries*: each query is one of the context's keys and the token after it is 
 Token ids: 0 = BOS, 1 = SEP, 2 = EOS, then `num_keys` key ids, `num_values` value ids and
 `num_noise` noise ids. Keys within one example are distinct; queries are distinct keys in random order.
 
+`layout="fused"` writes each context pair as ONE token (one of num_keys * num_values pair ids, after
+the noise ids) instead of `k v`: the model then needs no previous-token mixing to bind a key to its
+value (a RetNet, which has no short convolution, learns that binding slowly), only the recall itself.
+Queries are the same (`q a`, a key id then a value id).
+
 Training data is written as the token shards the training loop reads (``train.bin``, ``val.bin``,
-``tokens.json``: see training/data.py), a flat stream of whole examples::
+``tokens.json``: see training/data.py), a flat stream of whole examples, plus ``train.mask.bin`` /
+``val.mask.bin`` (uint8 per token, 1 = an answer): the loop computes the loss on answers only::
 
     python -m training.mqar data --out /abs/data/mqar
     python -m training train --config tiny --set data_dir=/abs/data/mqar tokenizer_dir=/abs/data/mqar \\
@@ -54,6 +60,7 @@ class MQARSpec:
     num_noise: int = 32
     num_pairs: int = 16
     num_queries: int | None = None  # None = num_pairs (every pair is asked for once)
+    layout: str = "standard"  # "standard" (k v in the context) or "fused" (one pair token)
 
     def __post_init__(self) -> None:
         for name in ("num_keys", "num_values", "num_pairs"):
@@ -63,6 +70,8 @@ class MQARSpec:
             raise MQARError(f"num_noise must be >= 0, got {self.num_noise}")
         if self.num_pairs > self.num_keys:
             raise MQARError(f"num_pairs ({self.num_pairs}) cannot exceed num_keys ({self.num_keys})")
+        if self.layout not in ("standard", "fused"):
+            raise MQARError(f"layout must be 'standard' or 'fused', got {self.layout!r}")
         if not 1 <= self.queries <= self.num_pairs:
             raise MQARError(f"num_queries must be in [1, num_pairs={self.num_pairs}], got {self.num_queries}")
 
@@ -83,8 +92,23 @@ class MQARSpec:
         return NUM_SPECIAL + self.num_keys + self.num_values
 
     @property
+    def first_pair(self) -> int:
+        return self.first_noise + self.num_noise
+
+    @property
+    def tokens_per_pair(self) -> int:
+        return 1 if self.layout == "fused" else 2
+
+    @property
     def vocab_size(self) -> int:
-        return NUM_SPECIAL + self.num_keys + self.num_values + self.num_noise
+        fused = self.num_keys * self.num_values if self.layout == "fused" else 0
+        return NUM_SPECIAL + self.num_keys + self.num_values + self.num_noise + fused
+
+    def pair_tokens(self, key: int, value: int) -> list[int]:
+        """How the context writes one pair: [k, v], or [pair id] in the fused layout."""
+        if self.layout == "fused":
+            return [self.first_pair + (key - self.first_key) * self.num_values + (value - self.first_value)]
+        return [key, value]
 
     def is_key(self, token: int) -> bool:
         return self.first_key <= token < self.first_value
@@ -113,11 +137,11 @@ class MQARExample:
         return self.context + self.queries + [EOS]
 
 
-def noise_count(num_pairs: int, noise_ratio: float) -> int:
-    """Noise tokens that make `noise_ratio` of the pair tokens plus noise: 2P * r / (1 - r)."""
+def noise_count(pair_tokens: int, noise_ratio: float) -> int:
+    """Noise tokens that make `noise_ratio` of the pair tokens plus noise: n * r / (1 - r)."""
     if not 0.0 <= noise_ratio < 1.0:
         raise MQARError(f"noise_ratio must be in [0, 1), got {noise_ratio}")
-    return round(2 * num_pairs * noise_ratio / (1.0 - noise_ratio))
+    return round(pair_tokens * noise_ratio / (1.0 - noise_ratio))
 
 
 def make_example(
@@ -130,7 +154,7 @@ def make_example(
     p = spec.num_pairs if num_pairs is None else num_pairs
     if not 1 <= p <= spec.num_keys:
         raise MQARError(f"num_pairs must be in [1, num_keys={spec.num_keys}], got {p}")
-    n_noise = noise_count(p, noise_ratio)
+    n_noise = noise_count(p * spec.tokens_per_pair, noise_ratio)
     if n_noise and spec.num_noise == 0:
         raise MQARError("noise_ratio > 0 needs a spec with num_noise > 0")
     keys = rng.choice(spec.num_keys, size=p, replace=False) + spec.first_key
@@ -144,8 +168,9 @@ def make_example(
             context.append(int(rng.integers(0, spec.num_noise)) + spec.first_noise)
             is_noise.append(True)
         if i < p:
-            context += list(pairs[i])
-            is_noise += [False, False]
+            written = spec.pair_tokens(*pairs[i])
+            context += written
+            is_noise += [False] * len(written)
     q = min(spec.queries, p)
     asked = rng.permutation(p)[:q]
     queries = [SEP]
@@ -164,18 +189,26 @@ def make_examples(
 
 def training_stream(
     spec: MQARSpec, n: int, seed: int, noise_ratios: Sequence[float] = (0.0, 0.5), min_pairs: int = 1
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """`n` whole examples back to back (each ends in EOS): pair counts uniform in [min_pairs,
-    num_pairs], noise ratio drawn from `noise_ratios`, so a model learns to skip noise tokens."""
+    num_pairs], noise ratio drawn from `noise_ratios`, so a model learns to skip noise tokens.
+
+    Returns the token ids and a loss mask (uint8, same length): 1 on the answers only. The other
+    tokens are random by construction; their loss gradients drown the recall signal (with the mask a
+    small model learns recall in hundreds of steps, without it not in a thousand)."""
     if not 1 <= min_pairs <= spec.num_pairs:
         raise MQARError(f"min_pairs must be in [1, num_pairs={spec.num_pairs}], got {min_pairs}")
     rng = np.random.default_rng(seed)
-    parts: list[list[int]] = []
+    ids: list[int] = []
+    mask: list[int] = []
     for _ in range(n):
         p = int(rng.integers(min_pairs, spec.num_pairs + 1))
         r = float(noise_ratios[int(rng.integers(0, len(noise_ratios)))])
-        parts.append(make_example(spec, rng, r, p).tokens)
-    return np.fromiter((t for part in parts for t in part), dtype=np.int64)
+        ex = make_example(spec, rng, r, p)
+        answers = {len(ex.context) + i + 1 for i in ex.answer_positions}
+        mask += [int(i in answers) for i in range(len(ex.tokens))]
+        ids += ex.tokens
+    return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)
 
 
 def write_token_dir(
@@ -195,8 +228,9 @@ def write_token_dir(
     for split, n, s in (("train", train_examples, seed), ("val", val_examples, seed + 1_000_003)):
         if n < 1:
             raise MQARError(f"{split} needs at least one example, got {n}")
-        ids = training_stream(spec, n, s, noise_ratios, min_pairs)
+        ids, mask = training_stream(spec, n, s, noise_ratios, min_pairs)
         atomic_write_bytes(out / f"{split}.bin", ids.astype(dtype).tobytes())
+        atomic_write_bytes(out / f"{split}.mask.bin", mask.tobytes())  # read by training/train.py
         splits[split] = {"file": f"{split}.bin", "docs": n, "tokens": int(ids.size)}
     meta = {
         "format": "retserve-tokens",
@@ -261,6 +295,69 @@ def recall_accuracy(model: RetNet, examples: Sequence[MQARExample], batch_size: 
     return hits / total
 
 
+# ---------------------------------------------------------------------------- export
+
+
+MQAR_CARD = "mqar.json"
+
+
+def _run_figures(run: Path) -> dict[str, Any]:
+    records = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
+    steps = [r for r in records if "loss" in r and "event" not in r]
+    evals = [r for r in records if "val_loss" in r and "event" not in r]
+    if not steps:
+        raise MQARError(f"{run / 'log.jsonl'} has no training steps")
+    start = next((r for r in records if r.get("event") == "start"), {})
+    return {
+        "steps": steps[-1]["step"],
+        "tokens_seen": steps[-1]["tokens_seen"],
+        "wall_min": round(steps[-1]["elapsed_s"] / 60, 2),
+        "params": start.get("params"),
+        "final_train_loss_mean_last_10_logged": round(
+            sum(r["loss"] for r in steps[-10:]) / len(steps[-10:]), 4
+        ),
+        "val_loss": [(r["step"], round(r["val_loss"], 4)) for r in evals],
+        "train_config": json.loads((run / "train_config.json").read_text()),
+    }
+
+
+def export_recall(
+    run: str | Path,
+    out: str | Path,
+    spec: MQARSpec,
+    commands: Sequence[str],
+    dtype: torch.dtype = torch.float32,
+    examples: int = 1000,
+    seed: int = 12345,
+) -> dict[str, Any]:
+    """Ship `run`/model to `out` (config.json, model.safetensors, mqar.json) with its recall measured
+    on `examples` fresh examples (read in one sequence; clean and with 50% noise); returns mqar.json."""
+    from model.checkpoint import from_pretrained, save_pretrained
+
+    run, out = Path(run), Path(out)
+    if not (run / "model" / "config.json").is_file():
+        raise FileNotFoundError(f"{run / 'model'} has no model yet: the run has not finished")
+    model = from_pretrained(run / "model").eval()
+    if model.config.vocab_size < spec.vocab_size:
+        raise MQARError(f"model vocab {model.config.vocab_size} < MQAR vocab {spec.vocab_size}")
+    save_pretrained(model, out, dtype=dtype)
+    shipped = from_pretrained(out).eval()
+    card = {
+        "spec": asdict(spec),
+        "commands": list(commands),
+        "dtype": str(dtype).removeprefix("torch."),
+        "recall": {
+            "examples": examples,
+            "seed": seed,
+            "clean": recall_accuracy(shipped, make_examples(spec, examples, seed)),
+            "noise_0.5": recall_accuracy(shipped, make_examples(spec, examples, seed + 1, noise_ratio=0.5)),
+        },
+        "training": _run_figures(run),
+    }
+    atomic_write_bytes(out / MQAR_CARD, (json.dumps(card, indent=2) + "\n").encode())
+    return card
+
+
 # ---------------------------------------------------------------------------- command line
 
 
@@ -270,10 +367,11 @@ def _spec_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--num-values", type=int, default=d.num_values)
     ap.add_argument("--num-noise", type=int, default=d.num_noise)
     ap.add_argument("--num-pairs", type=int, default=d.num_pairs)
+    ap.add_argument("--layout", default=d.layout, choices=["standard", "fused"])
 
 
 def _spec(a: argparse.Namespace) -> MQARSpec:
-    return MQARSpec(a.num_keys, a.num_values, a.num_noise, a.num_pairs)
+    return MQARSpec(a.num_keys, a.num_values, a.num_noise, a.num_pairs, layout=a.layout)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -293,6 +391,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--noise-ratio", type=float, default=0.0)
     _spec_args(p)
+    p = sub.add_parser("export", help="ship a finished run with its recall (config, weights, mqar.json)")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--command", action="append", default=[], help="a command that made the run (repeat)")
+    _spec_args(p)
     a = ap.parse_args(argv)
     try:
         if a.command == "data":
@@ -300,6 +404,10 @@ def main(argv: list[str] | None = None) -> None:
                 a.out, _spec(a), a.train_examples, a.val_examples, a.seed, a.noise_ratios, a.min_pairs
             )
             print(json.dumps(meta, indent=2))
+        elif a.command == "export":
+            dt = torch.float32 if a.dtype == "float32" else torch.bfloat16
+            card = export_recall(a.run, a.out, _spec(a), a.command, dt)
+            print(json.dumps({k: card[k] for k in ("spec", "recall")}, indent=2))
         else:
             from model.checkpoint import from_pretrained
 

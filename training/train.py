@@ -67,19 +67,40 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def load_loss_mask(data_dir: str | Path, split: str, n_tokens: int) -> np.ndarray | None:
+    """`<split>.mask.bin` (uint8 per token, 0 = not a target) when the data directory has one."""
+    path = Path(data_dir) / f"{split}.mask.bin"
+    if not path.is_file():
+        return None
+    mask = np.memmap(path, dtype=np.uint8, mode="r")
+    if len(mask) != n_tokens:
+        raise ValueError(f"{path} has {len(mask)} entries for {n_tokens} tokens; write it again")
+    return mask
+
+
 def get_batch(
-    tokens: np.ndarray, cfg: TrainConfig, step: int, micro: int, rank: int, device: torch.device
+    tokens: np.ndarray,
+    cfg: TrainConfig,
+    step: int,
+    micro: int,
+    rank: int,
+    device: torch.device,
+    loss_mask: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows drawn from a generator seeded by (seed, step, micro-step, rank): the data
-    position is a function of the step, so a resumed run reads exactly what it would have read."""
+    position is a function of the step, so a resumed run reads exactly what it would have read.
+    With `loss_mask`, targets whose mask is 0 become -100 (cross_entropy's ignore_index)."""
     g = torch.Generator().manual_seed(hash((cfg.seed, step, micro, rank)) & (2**62 - 1))
     hi = len(tokens) - cfg.seq_len - 1
     if hi <= 0:
         raise ValueError(f"training split has {len(tokens)} tokens; seq_len {cfg.seq_len} needs more")
     starts = torch.randint(0, hi, (cfg.batch_size,), generator=g).tolist()
     batch = torch.from_numpy(np.stack([tokens[s : s + cfg.seq_len + 1].astype(np.int64) for s in starts]))
-    batch = batch.to(device, non_blocking=True)
-    return batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
+    x, y = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
+    if loss_mask is not None:
+        m = torch.from_numpy(np.stack([loss_mask[s + 1 : s + cfg.seq_len + 1] for s in starts]))
+        y = y.masked_fill(m == 0, -100)
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int | None) -> nn.Module:
@@ -133,6 +154,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     train_tokens, val_tokens = load_tokens(cfg.data_dir, "train"), load_tokens(cfg.data_dir, "val")
+    train_mask = load_loss_mask(cfg.data_dir, "train", len(train_tokens))
     tok_dir = Path(cfg.tokenizer_dir)
     tokenizer = Tokenizer.from_dir(tok_dir) if (tok_dir / "tokenizer.tiktoken").is_file() else None
     meta = json.loads((Path(cfg.data_dir) / "tokens.json").read_text())
@@ -209,7 +231,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             g["lr"] = lr
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
-            x, y = get_batch(train_tokens, cfg, step, micro, d.rank, device)
+            x, y = get_batch(train_tokens, cfg, step, micro, d.rank, device, train_mask)
             sync = micro == cfg.grad_accum - 1
             no_sync = loss_module.no_sync() if (d.world > 1 and not sync) else contextlib.nullcontext()
             with no_sync:
