@@ -3,13 +3,18 @@ the app in-process (TestClient, with a dependency override for the tenant)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from server.app import create_app
+from server.auth import match_key
 from server.chat import CHAT_STOP, render_chat
 from server.deps import get_tenant
+from server.errors import APIError
+from server.openapi import int_below
 from server.protocol import ChatMessage, CompletionRequest
 from server.ratelimit import RateLimiter
 from server.settings import Settings
@@ -23,7 +28,7 @@ def test_settings_from_env_and_validation(monkeypatch):
     assert s.served_model_name == "retserve-small"
     with pytest.raises(ValidationError, match="store_url"):
         Settings(store_url="mysql://x")
-    with pytest.raises(ValidationError, match="at least 8"):
+    with pytest.raises(ValidationError, match="at least 8 characters long; one of RETSERVE_API_KEYS has 5"):
         Settings(api_keys={"short": "t"})
     with pytest.raises(ValidationError, match="tenant"):
         Settings(api_keys={"long-enough-key": "bad tenant!"})
@@ -40,6 +45,28 @@ def test_token_bucket():
     now[0] += 0.5
     assert rl.take("k") == 0.0
     assert RateLimiter(rate=0, burst=1).take("k") == 0.0  # off
+    # peek says what take would, without spending
+    assert rl.peek("fresh") == 0.0 and rl.peek("fresh") == 0.0
+    rl.take("k")
+    assert rl.peek("k") == pytest.approx(0.5) and rl.take("k") == pytest.approx(0.5)
+
+
+def test_match_key():
+    keys = {"secret-key-1": "alice", "secret-key-2": "bob"}
+    assert match_key(keys, "Bearer secret-key-2") == "secret-key-2"
+    assert match_key(keys, "bearer  secret-key-1 ") == "secret-key-1"
+    for header in ("", "Bearer", "Bearer ", "Basic secret-key-1", "secret-key-1", "Bearer secret-key-"):
+        with pytest.raises(APIError) as e:
+            match_key(keys, header)
+        assert e.value.status == 401 and e.value.code == "invalid_api_key", header
+
+
+def test_int_below_regex():
+    for n in (1, 2, 9, 10, 11, 99, 100, 101, 999, 8192, 50257):
+        pattern = re.compile(int_below(n))
+        assert [i for i in range(n + 150) if pattern.match(str(i))] == list(range(n)), n
+        for s in ("007", "-1", "+5", " 5", "5 ", "", "1e3", str(n)):
+            assert not pattern.match(s), (n, s)
 
 
 def test_chat_template():
