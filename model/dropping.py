@@ -105,7 +105,8 @@ def token_scores(policy: str, k: Tensor, v: Tensor, attention_mask: Tensor | Non
     """
     if policy not in _SCORED:
         raise ValueError(f"token_scores is for the {_SCORED} policies, got {policy!r}")
-    log_kv = k.double().norm(dim=-1).log() + v.double().norm(dim=-1).log()  # (B, T, H_kv)
+    dt = torch.float64 if k.dtype == torch.float64 else torch.float32  # norms: float32 is plenty to rank
+    log_kv = k.to(dt).norm(dim=-1).double().log() + v.to(dt).norm(dim=-1).double().log()  # (B, T, H_kv)
     if log_kv.shape[-1] != num_heads:
         log_kv = log_kv.repeat_interleave(num_heads // log_kv.shape[-1], dim=-1)  # (B, T, H)
     if policy == "decayed":
