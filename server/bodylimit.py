@@ -1,9 +1,10 @@
 """The request guard (pure ASGI middleware): whatever can be refused before a request body is read is
 refused before it is read, so a body nobody will use never costs memory.
 
+A wrong method is a 405 whose Allow lists every method of the path (FastAPI's lists one route's).
 For a request that carries a body (a Content-Length above 0, or chunked), in this order:
 
-1. route it: an unknown path is a 404, a wrong method a 405 (with Allow);
+1. route it: an unknown path is a 404, a wrong method the 405;
 2. authenticate it, if its route needs a tenant and keys are configured: 401; then the caller's rate
    limit is peeked (not spent: the tenant dependency spends it): 429 + Retry-After;
 3. a state upload (`PUT /v1/sessions/{id}/state`) takes one of `max_state_uploads` slots (503 +
@@ -21,6 +22,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -43,15 +45,15 @@ class RouteKind:
     state_upload: bool  # the route reads raw state bytes
 
 
-def _depends_on(dependant, call: Callable) -> bool:
-    return any(d.call is call or _depends_on(d, call) for d in dependant.dependencies)
+def depends_on(dependant: Dependant, call: Callable) -> bool:
+    return any(d.call is call or depends_on(d, call) for d in dependant.dependencies)
 
 
 def route_kind(route: BaseRoute) -> RouteKind:
     if not isinstance(route, APIRoute):
         return RouteKind(False, False, False)
     state = any((m, route.path_format) in STATE_UPLOADS for m in route.methods)
-    return RouteKind(_depends_on(route.dependant, get_tenant), route.body_field is not None, state)
+    return RouteKind(depends_on(route.dependant, get_tenant), route.body_field is not None, state)
 
 
 def flat_routes(routes: list[BaseRoute]) -> Iterator[tuple[BaseRoute, BaseRoute]]:

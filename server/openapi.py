@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
-from server.bodylimit import flat_routes, route_kind
+from server.bodylimit import depends_on, flat_routes, route_kind
 from server.deps import get_runtime
 from server.settings import Settings
 
@@ -87,13 +87,6 @@ ROUTE_ERRORS: dict[tuple[str, str], set[int]] = {
 }
 
 
-def _depends_on_runtime(route: APIRoute) -> bool:
-    def walk(dep) -> bool:
-        return any(d.call is get_runtime or walk(d) for d in dep.dependencies)
-
-    return walk(route.dependant)
-
-
 def error_codes(route: APIRoute, method: str, op: dict, settings: Settings) -> set[int]:
     """The error statuses an operation can answer, from what its route depends on."""
     kind = route_kind(route)
@@ -102,7 +95,7 @@ def error_codes(route: APIRoute, method: str, op: dict, settings: Settings) -> s
         codes.add(400)
     if kind.needs_tenant:
         codes |= {429, 503} | ({401} if settings.api_keys else set())
-    if _depends_on_runtime(route):
+    if depends_on(route.dependant, get_runtime):
         codes.add(503)
     if kind.json_body:
         codes |= {413, 415}
