@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from server.engine import EngineOverloaded, EngineRequest, EngineSamplingParams, RequestOutput, TokenLogprob
 from server.errors import APIError
 from server.runtime import Runtime
-from state_store import Provenance
+from state_store import Lease, LoadedState, Provenance
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +104,7 @@ class Generation:
                 started.set_result(None)
                 out = await self._final
                 if out.state is not None:
-                    try:
-                        await svc.save(
-                            target.tenant,
-                            target.session_id,
-                            out.state,
-                            lease=lease,
-                            base=loaded,
-                            provenance=target.provenance,
-                            create=target.create,
-                        )
-                    except APIError as e:
-                        self.save_error = e
-                        log.warning("could not save session %s: %s", target.session_id, e.message)
+                    await self._save(target, out, lease, loaded)
         except APIError as e:
             if not started.done():
                 started.set_exception(e)
@@ -129,8 +117,26 @@ class Generation:
                 started.set_exception(APIError(503, "the server is shutting down; retry", code="aborted"))
             if out is not None:
                 self._queue.put_nowait(out)
-            if started.done():
-                self._queue.put_nowait(None)
+            self._queue.put_nowait(None)
+
+    async def _save(
+        self, target: SessionTarget, out: RequestOutput, lease: Lease, base: LoadedState | None
+    ) -> None:
+        """Save the final state; a failure is kept in `save_error` (the client hears it after its tokens)."""
+        assert out.state is not None
+        try:
+            await self.rt.sessions.save(
+                target.tenant,
+                target.session_id,
+                out.state,
+                lease=lease,
+                base=base,
+                provenance=target.provenance,
+                create=target.create,
+            )
+        except APIError as e:
+            self.save_error = e
+            log.warning("could not save session %s: %s", target.session_id, e.message)
 
     def _on_output(self, out: RequestOutput) -> None:
         """Engine outputs, on the event loop: deltas go straight to the consumer's queue; the final one
