@@ -121,7 +121,7 @@ class SessionService:
 
     async def _renew(self, held: HeldLease) -> None:
         while True:
-            await asyncio.sleep(self.settings.session_lock_renew_s)
+            await asyncio.sleep(self.settings.lease_renew_interval_s)
             t0 = time.monotonic()
             try:
                 await self.store.renew(held.lease)

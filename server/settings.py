@@ -34,9 +34,9 @@ class Settings(BaseSettings):
     store_memory_bytes: int = Field(1 << 30, ge=1 << 20)  # memory store capacity (LRU beyond it)
     session_ttl_s: float | None = Field(7 * 86400.0, gt=0)  # idle sessions expire; None = never
     # a request's lease on its session: short, so a dead server's leases expire within seconds; renewed
-    # every session_lock_renew_s while the request runs
+    # every session_lock_renew_s (default: a third of the TTL) while the request runs
     session_lock_ttl_s: float = Field(5.0, gt=0)
-    session_lock_renew_s: float = Field(1.5, gt=0)
+    session_lock_renew_s: float | None = Field(None, gt=0)
 
     # auth and limits
     api_keys: dict[str, str] = {}  # {"api key": "tenant"}; empty = no auth, one tenant "default"
@@ -84,12 +84,17 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_lease_renewal(self) -> Settings:
-        if self.session_lock_renew_s >= self.session_lock_ttl_s:
+        if self.session_lock_renew_s is not None and self.session_lock_renew_s >= self.session_lock_ttl_s:
             raise ValueError(
                 f"session_lock_renew_s ({self.session_lock_renew_s}) must be shorter than session_lock_ttl_s"
                 f" ({self.session_lock_ttl_s}), or leases expire between renewals"
             )
         return self
+
+    @property
+    def lease_renew_interval_s(self) -> float:
+        """How often a held session lease is renewed."""
+        return self.session_lock_renew_s or self.session_lock_ttl_s / 3
 
     @property
     def served_model_name(self) -> str:

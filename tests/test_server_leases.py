@@ -67,7 +67,6 @@ def test_sessions_usable_soon_after_redis_crash_and_aof_restart(tmp_path):
         **LONG_OK,
         "RETSERVE_STORE_URL": redis_srv.url,
         "RETSERVE_SESSION_LOCK_TTL_S": "30",
-        "RETSERVE_SESSION_LOCK_RENEW_S": "2",
     }
     streamed = [f"crash-{i}" for i in range(N_STREAMS)]
     idle = [f"idle-{i}" for i in range(4)]
@@ -174,7 +173,7 @@ def _service(redis_srv: RedisServer, ttl: float) -> SessionService:
     store = RedisStateStore.from_url(
         redis_srv.url, socket_timeout=0.5, connect_timeout=0.5, op_timeout=1.0, retries=1, backoff_cap=0.05
     )
-    settings = Settings(session_lock_ttl_s=ttl, session_lock_renew_s=ttl / 3)
+    settings = Settings(session_lock_ttl_s=ttl)
     return SessionService(
         SessionStates(store, tiny_codec()), settings, Histogram("b", "b", registry=CollectorRegistry())
     )
@@ -233,4 +232,6 @@ def test_a_queued_release_is_dropped_once_its_lease_expired(tmp_path):
 def test_lease_renewal_must_be_shorter_than_the_ttl():
     with pytest.raises(ValidationError, match="session_lock_renew_s"):
         Settings(session_lock_ttl_s=2.0, session_lock_renew_s=2.0)
-    assert Settings(session_lock_ttl_s=2.0, session_lock_renew_s=0.5).session_lock_renew_s == 0.5
+    assert Settings(session_lock_ttl_s=2.0, session_lock_renew_s=0.5).lease_renew_interval_s == 0.5
+    assert Settings(session_lock_ttl_s=3.0).lease_renew_interval_s == 1.0  # default: a third of the TTL
+    assert Settings().lease_renew_interval_s < Settings().session_lock_ttl_s <= 10  # short by default
