@@ -15,6 +15,10 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import torch
+
+from model.dropping import DropSpec
+from server.dropping import dropping_label
 from server.engine import EngineOverloaded, EngineRequest, EngineSamplingParams, RequestOutput, TokenLogprob
 from server.errors import APIError
 from server.runtime import Runtime
@@ -51,10 +55,12 @@ class Generation:
         prompt_ids: list[int],
         params: EngineSamplingParams,
         session: SessionTarget | None = None,
+        dropping: DropSpec | None = None,
     ) -> None:
+        """An empty `prompt_ids` continues the session from the next-token logits saved with it."""
         self.rt = rt
         self.session = session
-        self.request = EngineRequest(prompt_ids, params)
+        self.request = EngineRequest(prompt_ids, params, dropping=dropping if prompt_ids else None)
         self.save_error: APIError | None = None
         self._queue: asyncio.Queue[RequestOutput | None] = asyncio.Queue()
         self._final: asyncio.Future[RequestOutput] = asyncio.get_running_loop().create_future()
@@ -100,6 +106,8 @@ class Generation:
                     started.cancel()
                     return
                 self.request.state = loaded.state if loaded is not None else None
+                if not self.request.prompt_ids:
+                    self.request.logits = saved_logits(target.session_id, loaded)
                 self._submit()
                 started.set_result(None)
                 out = await self._final
@@ -124,6 +132,10 @@ class Generation:
     ) -> None:
         """Save the final state; a failure is kept in `save_error` (the client hears it after its tokens)."""
         assert out.state is not None
+        provenance = target.provenance or (base.meta.provenance if base is not None else None)
+        if self.request.dropping is not None:  # the state was read with dropping: say so
+            label = dropping_label(self.request.dropping)
+            provenance = dataclasses.replace(provenance or Provenance(), token_dropping=label)
         try:
             await self.rt.sessions.save(
                 target.tenant,
@@ -131,8 +143,9 @@ class Generation:
                 out.state,
                 lease=lease,
                 base=base,
-                provenance=target.provenance,
+                provenance=provenance,
                 create=target.create,
+                logits=out.logits,
             )
         except APIError as e:
             self.save_error = e
@@ -177,6 +190,19 @@ class Generation:
         if c.final is None:  # pragma: no cover - the engine ends every request with a finished output
             raise APIError(503, "the engine stopped before finishing the request; retry")
         return c
+
+
+def saved_logits(session_id: str, loaded: LoadedState | None) -> torch.Tensor:
+    """The (V,) next-token logits a session continues from without new input (400 if it has none)."""
+    if loaded is None or loaded.logits is None:
+        raise APIError(
+            400,
+            f"session {session_id!r} has no saved next-token logits to continue from (a new or empty"
+            " session, an `average` merge, or an imported state saved without them): send a prompt",
+            param="prompt",
+            code="prompt_required",
+        )
+    return loaded.logits[0]  # (1, V) -> (V,)
 
 
 def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:

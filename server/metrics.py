@@ -14,6 +14,7 @@ from state_store import StoreMetrics, StoreMetricsCollector
 
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 E2E = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+MERGE_MODES = ("concat", "average")
 SESSION_EVENTS = ("created", "primed", "resumed", "exported", "imported", "forked", "deleted")
 
 
@@ -60,6 +61,9 @@ class ServerMetrics:
         )
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens read.", registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Completion tokens reported.", registry=r)
+        self.prompt_tokens_dropped = Counter(
+            p + "prompt_tokens_dropped", "Prompt tokens token dropping left out of the state.", registry=r
+        )
         self.success = Counter(p + "request_success", "Finished requests.", ["finished_reason"], registry=r)
         self.batch_size = Histogram(
             p + "batch_size", "Rows per decode step.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
@@ -67,6 +71,9 @@ class ServerMetrics:
         self.sessions = Counter(p + "sessions", "Session events.", ["event"], registry=r)
         for e in SESSION_EVENTS:
             self.sessions.labels(event=e)
+        self.merges = Counter(p + "session_merges", "Sessions made by merging others.", ["mode"], registry=r)
+        for mode in MERGE_MODES:
+            self.merges.labels(mode=mode)
         self.state_bytes = Histogram(
             p + "state_bytes",
             "Encoded session state sizes moved (saved, loaded, exported, imported).",
@@ -89,6 +96,7 @@ class ServerMetrics:
         if out.usage is not None:
             self.prompt_tokens.inc(out.usage.prompt_tokens)
             self.generation_tokens.inc(out.usage.completion_tokens)
+            self.prompt_tokens_dropped.inc(out.usage.dropped_tokens)
         self.success.labels(finished_reason=openai_finish_reason(out.finish_reason or "abort")).inc()
         if t is None:
             return

@@ -47,6 +47,19 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+class TokenDropping(StrictModel):
+    """Extension: read the prompt with a token-dropping policy (model/dropping.py); keep 1.0 = none.
+
+    Replaces the server's default (RETSERVE_TOKEN_DROPPING) for this request; `null` turns it off."""
+
+    policy: Literal["decayed", "norm", "recency", "random"] = "decayed"
+    keep: float = Field(gt=0, le=1)  # the fraction of the prompt's tokens kept
+    sinks: JSONInt = Field(4, ge=0, le=2**31)  # the first tokens, always kept
+    recent: JSONInt = Field(64, ge=0, le=2**31)  # the last tokens, always kept
+    from_layer: JSONInt = Field(1, ge=0, le=2**31)  # layers below it read every token
+    seed: JSONInt = Field(0, ge=0, le=2**53 - 1)  # the `random` policy's
+
+
 class SamplingFields(StrictModel):
     """Fields shared by completions, chat and session generation."""
 
@@ -71,6 +84,7 @@ class SamplingFields(StrictModel):
     min_tokens: JSONInt = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[JSONInt, Field(ge=0)]] | None = None
+    token_dropping: TokenDropping | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -178,10 +192,21 @@ class ChatCompletionRequest(SamplingFields):
 class SessionCreate(StrictModel):
     session_id: SessionId | None = None  # your own name within your tenant; default: a random id
     prompt: str | list[JSONInt] | None = None  # text (or token ids) to read into the new state
+    token_dropping: TokenDropping | None = None  # how the prompt is read (see SamplingFields)
 
 
 class SessionPrime(StrictModel):
     prompt: str | list[JSONInt]
+    token_dropping: TokenDropping | None = None
+
+
+class SessionMerge(StrictModel):
+    """POST /v1/sessions/merge: a new session from the states of 2.. sessions (model/memory.py)."""
+
+    sources: list[SessionId] = Field(min_length=2, max_length=16)
+    mode: Literal["concat", "average"]
+    weights: list[float] | None = None  # average only: one per source, >= 0, summing to 1
+    session_id: SessionId | None = None  # the new session's name; default: a random id
 
 
 class SessionFork(StrictModel):
@@ -189,7 +214,7 @@ class SessionFork(StrictModel):
 
 
 class SessionGenerate(SamplingFields):
-    prompt: str | list[JSONInt]
+    prompt: str | list[JSONInt] = ""  # empty: continue from the session's saved next-token logits
     logprobs: JSONInt | None = Field(None, ge=0, le=20)
 
 

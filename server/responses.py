@@ -15,10 +15,16 @@ def _absent_if_none(value: object) -> bool:
     return value is None
 
 
+class PromptTokensDetails(BaseModel):
+    dropped_tokens: int  # extension: prompt tokens the request's token dropping left out of the state
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # present when the request read its prompt with token dropping (`token_dropping`)
+    prompt_tokens_details: PromptTokensDetails | None = Field(None, exclude_if=_absent_if_none)
 
 
 class ResponseBase(BaseModel):
@@ -126,6 +132,7 @@ class SessionObject(BaseModel):
     updated_at: float
     expires_in: float | None
     provenance: dict
+    usage: Usage | None = Field(None, exclude_if=_absent_if_none)  # create with a prompt, prime: the read
 
 
 class SessionList(BaseModel):

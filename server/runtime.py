@@ -14,6 +14,7 @@ import torch
 from model.checkpoint import from_pretrained, load_tokenizer
 from model.retnet import RetNet
 from model.tokenizer import Tokenizer
+from server.dropping import to_spec
 from server.engine import Engine, EngineConfig, EngineRequest, EngineSamplingParams
 from server.metrics import ServerMetrics
 from server.ratelimit import RateLimiter
@@ -23,10 +24,12 @@ from state_store import (
     MemoryStateStore,
     RedisStateStore,
     SessionStates,
+    StateBounds,
     StateCodec,
     StateStore,
     StoreMetrics,
     model_fingerprint,
+    state_bounds,
 )
 
 log = logging.getLogger(__name__)
@@ -127,24 +130,40 @@ def preflight(settings: Settings) -> torch.device:
     return pick_device(settings.device)
 
 
-def load_model(settings: Settings) -> tuple[RetNet, Tokenizer, str, torch.device]:
+@dataclass
+class LoadedModel:
+    model: RetNet  # on its device, in its serving dtype
+    tokenizer: Tokenizer
+    fingerprint: str
+    bounds: StateBounds  # of the float32 weights: imported states and logits beyond them are refused
+    device: torch.device
+
+
+def load_model(settings: Settings) -> LoadedModel:
     device = preflight(settings)
     dtype = pick_dtype(settings.dtype, device)
     model = from_pretrained(settings.model_path).eval()  # float32 on CPU: the fingerprint's reference
     fingerprint = model_fingerprint(model)  # the same on every server of this checkpoint, any dtype
+    bounds = state_bounds(model)
     model = model.to(device=device, dtype=dtype).eval()
     tokenizer = load_tokenizer(settings.model_path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise StartupError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
         )
-    return model, tokenizer, fingerprint, device
+    if settings.token_dropping is not None:
+        try:
+            to_spec(settings.token_dropping, model.config)
+        except ValueError as e:
+            raise StartupError(f"RETSERVE_TOKEN_DROPPING: {e}") from None
+    return LoadedModel(model, tokenizer, fingerprint, bounds, device)
 
 
 async def start_runtime(settings: Settings) -> Runtime:
     threads = settings.num_threads or torch.get_num_threads()
     torch.set_num_threads(1)  # this (event loop) thread; the engine thread gets `threads` (see EngineConfig)
-    model, tokenizer, fingerprint, device = await asyncio.to_thread(load_model, settings)
+    loaded = await asyncio.to_thread(load_model, settings)
+    model, tokenizer, fingerprint, device = loaded.model, loaded.tokenizer, loaded.fingerprint, loaded.device
     store_metrics = StoreMetrics()
     store = make_store(settings, store_metrics)
     engine = Engine(
@@ -159,7 +178,7 @@ async def start_runtime(settings: Settings) -> Runtime:
         ),
     )
     metrics = ServerMetrics(store_metrics, engine)
-    states = SessionStates(store, StateCodec(model.config, fingerprint))
+    states = SessionStates(store, StateCodec(model.config, fingerprint, bounds=loaded.bounds))
     rt = Runtime(
         settings=settings,
         model=model,

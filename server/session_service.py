@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from prometheus_client import Histogram
+from torch import Tensor
 
 from model.state import RetentionState
 from server.errors import APIError
@@ -193,9 +194,12 @@ class SessionService:
         base: LoadedState | None = None,
         provenance: Provenance | None = None,
         create: bool = False,
+        logits: Tensor | None = None,
     ) -> int:
         """Save a session's new state under its lease; `base` is the state it continues (its creation
-        time and provenance carry over). create=True: 409 if the session exists."""
+        time and provenance carry over). create=True: 409 if the session exists. `logits`: the state's
+        (V,) next-token logits (a final output's), saved with it so the session can continue without
+        new input."""
         meta = base.meta if base is not None else None
         try:
             return await self.states.save(
@@ -207,6 +211,7 @@ class SessionService:
                 ttl=self.settings.session_ttl_s,
                 lease=lease,
                 expected_version=0 if create else None,
+                logits=logits,
             )
         except StateStoreError as e:
             raise store_error(e, f"saving session {session_id!r}") from None

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.protocol import TokenDropping
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "checkpoints" / "retserve-small"
 TENANT_RE = re.compile(r"[A-Za-z0-9_.@+=~-]{1,64}")
@@ -55,6 +57,9 @@ class Settings(BaseSettings):
     max_running: int = Field(64, ge=1)
     max_waiting: int = Field(256, ge=1)
     max_queued_prompt_tokens: int = Field(1 << 20, ge=1)
+    # the token dropping of requests that do not send `token_dropping` (a JSON object, e.g.
+    # {"policy": "decayed", "keep": 0.5}); None: off. from_layer is checked against the model at startup
+    token_dropping: TokenDropping | None = None
 
     # HTTP
     host: str = "127.0.0.1"

@@ -12,11 +12,12 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from model.dropping import DropSpec
 from server.engine import EngineSamplingParams, RequestOutput
 from server.errors import APIError
 from server.generation import Collected, Generation, SessionTarget
 from server.protocol import SamplingFields, StreamOptions
-from server.responses import Usage
+from server.responses import PromptTokensDetails, Usage
 from server.runtime import Runtime
 
 ENGINE_ERROR = "the engine failed while serving this request (logged; the session was not changed); retry"
@@ -33,7 +34,9 @@ def check_model(rt: Runtime, model: str | None) -> None:
         )
 
 
-async def encode_prompt(rt: Runtime, prompt: str | list[int]) -> list[int]:
+async def encode_prompt(rt: Runtime, prompt: str | list[int], *, allow_empty: bool = False) -> list[int]:
+    """Token ids of a prompt (400 if out of range or too long; if empty unless `allow_empty`: a session
+    continued from its saved logits)."""
     if isinstance(prompt, str):
         # a long text (up to the body limit: megabytes) is tokenized off the event loop
         ids = (
@@ -50,7 +53,7 @@ async def encode_prompt(rt: Runtime, prompt: str | list[int]) -> list[int]:
                 f"prompt token ids must be in [0, {rt.model.config.vocab_size}); got {bad[0]}",
                 param="prompt",
             )
-    if not ids:
+    if not ids and not allow_empty:
         raise APIError(
             400,
             "the prompt is empty: send at least one token of text (a session's next token needs new input)",
@@ -84,20 +87,30 @@ def sampling_params(
 
 
 async def start_generation(
-    rt: Runtime, tenant: str, session_id: str | None, ids: list[int], params: EngineSamplingParams
+    rt: Runtime,
+    tenant: str,
+    session_id: str | None,
+    ids: list[int],
+    params: EngineSamplingParams,
+    dropping: DropSpec | None = None,
 ) -> Generation:
     """A started generation, continuing `session_id` when given (APIError if it could not start)."""
-    gen = Generation(rt, ids, params, SessionTarget(tenant, session_id) if session_id is not None else None)
+    target = SessionTarget(tenant, session_id) if session_id is not None else None
+    gen = Generation(rt, ids, params, target, dropping)
     await gen.start()
     if session_id is not None:
         rt.metrics.sessions.labels(event="resumed").inc()
     return gen
 
 
-def usage(out: RequestOutput) -> Usage:
+def usage(out: RequestOutput, gen: Generation | None = None) -> Usage:
+    """The response's usage; `prompt_tokens_details.dropped_tokens` when `gen` read with dropping."""
     u = out.usage
     p, c = (u.prompt_tokens, u.completion_tokens) if u else (0, 0)
-    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+    details = None
+    if gen is not None and gen.request.dropping is not None:
+        details = PromptTokensDetails(dropped_tokens=u.dropped_tokens if u else 0)
+    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c, prompt_tokens_details=details)
 
 
 def final_error(gen: Generation, out: RequestOutput) -> APIError | None:
@@ -168,7 +181,7 @@ def stream_response(
                     if (err := final_error(gen, out)) is not None:
                         yield sse(err.body())
                     if include_usage:
-                        yield sse(usage_chunk(usage(out)))
+                        yield sse(usage_chunk(usage(out, gen)))
             yield sse("[DONE]")
         finally:
             if not finished:

@@ -7,6 +7,7 @@ from fastapi.responses import StreamingResponse
 
 from server.chat import CHAT_STOP, render_chat
 from server.deps import RuntimeDep, TenantDep
+from server.dropping import request_dropping
 from server.engine import RequestOutput, TokenLogprob
 from server.protocol import ChatCompletionRequest, CompletionRequest, SessionGenerate, openai_finish_reason
 from server.responses import (
@@ -94,7 +95,8 @@ async def serve_completion(
     """A completion (streamed or not), continuing `session_id`'s state when given: what both
     /v1/completions and /v1/sessions/{id}/generate serve."""
     check_model(rt, body.model)
-    ids = await encode_prompt(rt, body.prompt)
+    ids = await encode_prompt(rt, body.prompt, allow_empty=session_id is not None)
+    dropping = request_dropping(body, rt.settings.token_dropping, rt.model.config)
     n_lp = body.logprobs
     params = sampling_params(
         rt,
@@ -104,7 +106,7 @@ async def serve_completion(
         logprobs=n_lp is not None,
         top_logprobs=n_lp or 0,
     )
-    gen = await start_generation(rt, tenant, session_id, ids, params)
+    gen = await start_generation(rt, tenant, session_id, ids, params, dropping)
     base = response_base(rt, "cmpl-", "text_completion", session_id)
 
     if body.stream:
@@ -130,7 +132,7 @@ async def serve_completion(
     choice = CompletionChoice(
         text=res.text, logprobs=lps, finish_reason=openai_finish_reason(out.finish_reason)
     )
-    return CompletionResponse(**base, choices=[choice], usage=usage(out))
+    return CompletionResponse(**base, choices=[choice], usage=usage(out, gen))
 
 
 @router.post("/completions", response_model=CompletionResponse)
@@ -157,6 +159,7 @@ def chat_chunks(rt: Runtime, base: dict, out: RequestOutput, first: bool) -> lis
 async def chat_completions(body: ChatCompletionRequest, request: Request, rt: RuntimeDep, tenant: TenantDep):
     check_model(rt, body.model)
     ids = await encode_prompt(rt, render_chat(body.messages))
+    dropping = request_dropping(body, rt.settings.token_dropping, rt.model.config)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = sampling_params(
         rt,
@@ -167,7 +170,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
         top_logprobs=body.top_logprobs or 0,
         extra_stop=tuple(CHAT_STOP),
     )
-    gen = await start_generation(rt, tenant, body.session_id, ids, params)
+    gen = await start_generation(rt, tenant, body.session_id, ids, params, dropping)
     base = response_base(rt, "chatcmpl-", "chat.completion.chunk", body.session_id)
 
     if body.stream:
@@ -187,4 +190,5 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
     lps = chat_logprobs(rt, res.logprobs) if body.logprobs else None
     message = ChatResponseMessage(content=res.text)
     choice = ChatChoice(message=message, logprobs=lps, finish_reason=openai_finish_reason(out.finish_reason))
-    return ChatCompletionResponse(**{**base, "object": "chat.completion"}, choices=[choice], usage=usage(out))
+    resp_base = {**base, "object": "chat.completion"}
+    return ChatCompletionResponse(**resp_base, choices=[choice], usage=usage(out, gen))

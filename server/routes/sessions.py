@@ -13,12 +13,21 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from server.deps import RuntimeDep, TenantDep
+from server.dropping import request_dropping
 from server.engine import EngineSamplingParams
 from server.errors import APIError
 from server.generation import Generation, SessionTarget, session_exists
-from server.protocol import SESSION_ID_PATTERN, SessionCreate, SessionFork, SessionGenerate, SessionPrime
-from server.responses import CompletionResponse, SessionDeleted, SessionList, SessionObject
-from server.routes.common import encode_prompt, final_result
+from server.merging import merge_sessions
+from server.protocol import (
+    SESSION_ID_PATTERN,
+    SessionCreate,
+    SessionFork,
+    SessionGenerate,
+    SessionMerge,
+    SessionPrime,
+)
+from server.responses import CompletionResponse, SessionDeleted, SessionList, SessionObject, Usage
+from server.routes.common import encode_prompt, final_result, usage
 from server.routes.openai import serve_completion
 from server.runtime import Runtime
 from server.session_service import new_session_id, session_not_found, store_error
@@ -53,13 +62,18 @@ def _digest(ids: list[int]) -> str:
     return "blake2b:" + hashlib.blake2b(repr(ids).encode(), digest_size=16).hexdigest()
 
 
-async def _read(rt: Runtime, request: Request, target: SessionTarget, ids: list[int]) -> None:
-    """Read `ids` into the session's state (max_tokens=0) and save it, under its lease.
+async def _read(
+    rt: Runtime, request: Request, target: SessionTarget, ids: list[int], body: SessionCreate | SessionPrime
+) -> Usage:
+    """Read `ids` into the session's state (max_tokens=0, with the body's token dropping) and save it,
+    with its next-token logits, under its lease; the read's usage.
 
     A client that disconnects first aborts the read: the session stays as it was."""
-    gen = Generation(rt, ids, EngineSamplingParams(temperature=0, max_tokens=0), target)
+    dropping = request_dropping(body, rt.settings.token_dropping, rt.model.config)
+    gen = Generation(rt, ids, EngineSamplingParams(temperature=0, max_tokens=0), target, dropping)
     await gen.start()
-    await final_result(gen, request)
+    _, out = await final_result(gen, request)
+    return usage(out, gen)
 
 
 @router.post("", status_code=201)
@@ -68,9 +82,10 @@ async def create_session(
 ) -> SessionObject:
     sid = body.session_id or new_session_id()
     ids = await encode_prompt(rt, body.prompt) if body.prompt is not None else []
+    read: Usage | None = None
     if ids:
         target = SessionTarget(tenant, sid, create=True, provenance=Provenance(primed_from=_digest(ids)))
-        await _read(rt, request, target, ids)
+        read = await _read(rt, request, target, ids, body)
         rt.metrics.sessions.labels(event="primed").inc()
     else:
         async with rt.sessions.lease(tenant, sid) as lease:
@@ -78,7 +93,7 @@ async def create_session(
                 raise session_exists(sid)
             await rt.sessions.save(tenant, sid, rt.model.empty_state(1), lease=lease, create=True)
     rt.metrics.sessions.labels(event="created").inc()
-    return await _info(rt, tenant, sid)
+    return (await _info(rt, tenant, sid)).model_copy(update={"usage": read})
 
 
 @router.get("")
@@ -125,9 +140,17 @@ async def prime_session(
     session_id: SidPath, body: SessionPrime, request: Request, rt: RuntimeDep, tenant: TenantDep
 ) -> SessionObject:
     ids = await encode_prompt(rt, body.prompt)
-    await _read(rt, request, SessionTarget(tenant, session_id), ids)
+    read = await _read(rt, request, SessionTarget(tenant, session_id), ids, body)
     rt.metrics.sessions.labels(event="primed").inc()
-    return await _info(rt, tenant, session_id)
+    return (await _info(rt, tenant, session_id)).model_copy(update={"usage": read})
+
+
+@router.post("/merge", status_code=201)
+async def merge(body: SessionMerge, rt: RuntimeDep, tenant: TenantDep) -> SessionObject:
+    """A new session from the states of others (concat or a weighted average); the sources stay as
+    they are. See server/merging.py."""
+    new_id = await merge_sessions(rt, tenant, body)
+    return await _info(rt, tenant, new_id)
 
 
 @router.post("/{session_id}/generate", response_model=CompletionResponse)
@@ -150,8 +173,9 @@ async def fork_session(
     async with rt.sessions.lease(tenant, session_id):
         src = await rt.sessions.load(tenant, session_id)
         assert src is not None
+        logits = None if src.logits is None else src.logits[0]  # (1, V) -> (V,)
         # a new session (409 if the id is taken), written without a lease of its own
-        await rt.sessions.save(tenant, new_id, src.state, lease=None, base=src, create=True)
+        await rt.sessions.save(tenant, new_id, src.state, lease=None, base=src, create=True, logits=logits)
     rt.metrics.sessions.labels(event="forked").inc()
     return await _info(rt, tenant, new_id)
 
