@@ -395,7 +395,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--command", action="append", default=[], help="a command that made the run (repeat)")
+    p.add_argument(
+        "--record", action="append", default=[], help="a command that made the run, for the card (repeat)"
+    )
     _spec_args(p)
     a = ap.parse_args(argv)
     try:
@@ -406,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(meta, indent=2))
         elif a.command == "export":
             dt = torch.float32 if a.dtype == "float32" else torch.bfloat16
-            card = export_recall(a.run, a.out, _spec(a), a.command, dt)
+            card = export_recall(a.run, a.out, _spec(a), a.record, dt)
             print(json.dumps({k: card[k] for k in ("spec", "recall")}, indent=2))
         else:
             from model.checkpoint import from_pretrained
