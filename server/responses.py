@@ -132,7 +132,8 @@ class SessionObject(BaseModel):
     updated_at: float
     expires_in: float | None
     provenance: dict
-    usage: Usage | None = Field(None, exclude_if=_absent_if_none)  # create with a prompt, prime: the read
+    # create with a prompt, prime: the read's usage, when it was read with token dropping
+    usage: Usage | None = Field(None, exclude_if=_absent_if_none)
 
 
 class SessionList(BaseModel):

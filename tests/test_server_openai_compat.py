@@ -185,7 +185,7 @@ def test_openapi_says_what_the_server_does(client: TestClient) -> None:
         for (m, p), op in ops.items()
         if "application/json" in op.get("requestBody", {}).get("content", {})
     ]
-    assert len(json_body_ops) == 6, json_body_ops
+    assert len(json_body_ops) == 7, json_body_ops
     for key in json_body_ops:
         assert {"413", "415"} <= set(ops[key]["responses"]), key
     for key in [

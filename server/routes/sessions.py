@@ -64,16 +64,17 @@ def _digest(ids: list[int]) -> str:
 
 async def _read(
     rt: Runtime, request: Request, target: SessionTarget, ids: list[int], body: SessionCreate | SessionPrime
-) -> Usage:
+) -> Usage | None:
     """Read `ids` into the session's state (max_tokens=0, with the body's token dropping) and save it,
-    with its next-token logits, under its lease; the read's usage.
+    with its next-token logits, under its lease; the read's usage if it dropped tokens (the response
+    reports it), else None.
 
     A client that disconnects first aborts the read: the session stays as it was."""
     dropping = request_dropping(body, rt.settings.token_dropping, rt.model.config)
     gen = Generation(rt, ids, EngineSamplingParams(temperature=0, max_tokens=0), target, dropping)
     await gen.start()
     _, out = await final_result(gen, request)
-    return usage(out, gen)
+    return usage(out, gen) if dropping is not None else None
 
 
 @router.post("", status_code=201)
