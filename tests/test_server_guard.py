@@ -503,7 +503,7 @@ def test_empty_prompt_is_400(limited: KeyPool, limits_session: str) -> None:
         ("/v1/sessions", {"prompt": ""}),
         ("/v1/sessions", {"prompt": []}),
         (f"/v1/sessions/{limits_session}/prime", {"prompt": ""}),
-        (f"/v1/sessions/{limits_session}/generate", {"prompt": [], "max_tokens": 1}),
+        # (generate with an empty prompt continues a session from its saved logits: test_server_memory)
     ]
     for path, body in cases:
         err = expect_error(limited.post(path, json=body), 400)
