@@ -82,7 +82,8 @@ ROUTE_ERRORS: dict[tuple[str, str], set[int]] = {
     ("POST", "/v1/sessions/{session_id}/generate"): {409, 500},
     ("POST", "/v1/sessions/{session_id}/fork"): {409},
     ("POST", "/v1/sessions/merge"): {404, 409},
-    ("DELETE", "/v1/sessions/{session_id}"): {409},
+    ("DELETE", "/v1/sessions/{session_id}"): {405, 409},  # 405: a reserved id (/v1/sessions/merge)
+    ("GET", "/v1/sessions/{session_id}"): {405},
     ("GET", "/v1/sessions/{session_id}/state"): {409},
     ("PUT", "/v1/sessions/{session_id}/state"): {409},
 }
@@ -166,24 +167,31 @@ def _branches(prop: dict) -> list[dict]:
     return prop.get("anyOf", [prop])
 
 
+CONTINUABLE = {"CompletionRequest", "SessionGenerate"}  # request schemas whose prompt may be empty
+
+
 def constrain(schemas: dict[str, Any], settings: Settings, vocab: int | None) -> None:
     """State in the request schemas the limits the server checks itself (with its own messages):
     non-empty prompts of at most max_prompt_tokens ids below the vocabulary size, max_tokens up to
     max_tokens_limit, token ids in stop_token_ids and logit_bias below the vocabulary size."""
-    for schema in schemas.values():
+    for schema_name, schema in schemas.items():
         props = schema.get("properties", {})
         for name in ("max_tokens", "max_completion_tokens"):
             for b in _branches(props.get(name, {})):
                 if b.get("type") == "integer":
                     b["maximum"] = settings.max_tokens_limit
+        may_be_empty = schema_name in CONTINUABLE  # an empty prompt continues a session from its saved logits
         for b in _branches(props.get("prompt", {})):
-            if b.get("type") == "string":
+            if b.get("type") == "string" and not may_be_empty:
                 b["minLength"] = 1
             elif b.get("type") == "array":
-                b.update(minItems=1, maxItems=settings.max_prompt_tokens)
+                b.update(maxItems=settings.max_prompt_tokens, **({} if may_be_empty else {"minItems": 1}))
                 b["items"]["minimum"] = 0
                 if vocab is not None:
                     b["items"]["maximum"] = vocab - 1
+        if schema_name == "CompletionRequest":  # empty only with a session_id
+            schema["if"] = {"properties": {"session_id": {"type": "null"}}}
+            schema["then"] = {"properties": {"prompt": {"minLength": 1, "minItems": 1}}}
         for b in _branches(props.get("stop_token_ids", {})):
             if b.get("type") == "array" and vocab is not None:
                 b["items"]["maximum"] = vocab - 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -22,7 +23,19 @@ from pydantic import (
 from server.engine import EngineSamplingParams
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_.@+=~-]{1,128}$"  # request bodies and the /v1/sessions/{id} paths
-SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN)]
+RESERVED_SESSION_IDS = ("merge",)  # path segments of /v1/sessions/... that are not sessions
+NOT_RESERVED = {"not": {"enum": list(RESERVED_SESSION_IDS)}}  # the same in JSON Schema
+
+
+def _not_reserved(v: str) -> str:
+    if v in RESERVED_SESSION_IDS:
+        raise ValueError(f"{v!r} is reserved (POST /v1/sessions/{v} is an endpoint): pick another session id")
+    return v
+
+
+SessionId = Annotated[
+    str, Field(pattern=SESSION_ID_PATTERN, json_schema_extra=NOT_RESERVED), AfterValidator(_not_reserved)
+]
 
 
 def _integral(v: object) -> object:

@@ -332,9 +332,22 @@ def test_merge_of_a_busy_source_is_409(url: str, c: httpx.Client, doc: list[int]
     assert r2.status_code == 201, r2.text
 
 
-def test_merge_route_is_not_a_session_id(c: httpx.Client) -> None:
-    assert_error(c.get("/v1/sessions/merge"), 404, "session_not_found")
+def test_merge_is_a_reserved_path_not_a_session_id(c: httpx.Client) -> None:
+    """/v1/sessions/merge is only the merge endpoint: other methods are 405 (Allow: POST), and no
+    session can be named "merge"."""
+    for method in ("GET", "DELETE"):
+        r = c.request(method, "/v1/sessions/merge")
+        assert_error(r, 405, "method_not_allowed")
+        assert r.headers["Allow"] == "POST"
     assert_error(c.post("/v1/sessions/merge", json={}), 400)
+    for path, body in [
+        ("/v1/sessions", {"session_id": "merge"}),
+        ("/v1/sessions/merge", {"sources": ["x", "y"], "mode": "concat", "session_id": "merge"}),
+        ("/v1/completions", {"prompt": "hi", "session_id": "merge"}),
+    ]:
+        err = assert_error(c.post(path, json=body), 400)
+        assert "reserved" in err["message"], err
+    assert_error(c.post("/v1/sessions/merge/prime", json={"prompt": "hi"}), 404)
 
 
 # ---- imports are bounded ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import hashlib
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
+from starlette.convertors import Convertor, register_url_convertor
 
 from server.deps import RuntimeDep, TenantDep
 from server.dropping import request_dropping
@@ -19,6 +20,8 @@ from server.errors import APIError
 from server.generation import Generation, SessionTarget, session_exists
 from server.merging import merge_sessions
 from server.protocol import (
+    NOT_RESERVED,
+    RESERVED_SESSION_IDS,
     SESSION_ID_PATTERN,
     SessionCreate,
     SessionFork,
@@ -33,8 +36,25 @@ from server.runtime import Runtime
 from server.session_service import new_session_id, session_not_found, store_error
 from state_store import EntryInfo, Provenance, StateCodecError, StateStoreError, ValueTooLargeError
 
+
+class SessionIdConvertor(Convertor[str]):
+    """`{session_id:sid}`: any path segment but the reserved ones, so /v1/sessions/merge is only the
+    merge endpoint (no GET/DELETE of a session "merge", which cannot be created)."""
+
+    regex = "(?!(?:" + "|".join(RESERVED_SESSION_IDS) + ")(?:/|$))[^/]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("sid", SessionIdConvertor())
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
-SidPath = Annotated[str, Path(pattern=SESSION_ID_PATTERN, description="session id")]
+SidPath = Annotated[
+    str, Path(pattern=SESSION_ID_PATTERN, description="session id", json_schema_extra=NOT_RESERVED)
+]
 
 
 def session_json(rt: Runtime, info: EntryInfo) -> SessionObject:
@@ -118,12 +138,12 @@ async def list_sessions(
     return SessionList(data=data, next_cursor=page.cursor, has_more=page.cursor is not None)
 
 
-@router.get("/{session_id}")
+@router.get("/{session_id:sid}")
 async def get_session(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep) -> SessionObject:
     return await _info(rt, tenant, session_id)
 
 
-@router.delete("/{session_id}")
+@router.delete("/{session_id:sid}")
 async def delete_session(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep) -> SessionDeleted:
     async with rt.sessions.lease(tenant, session_id) as lease:
         try:
@@ -136,7 +156,7 @@ async def delete_session(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep)
     return SessionDeleted(id=session_id)
 
 
-@router.post("/{session_id}/prime")
+@router.post("/{session_id:sid}/prime")
 async def prime_session(
     session_id: SidPath, body: SessionPrime, request: Request, rt: RuntimeDep, tenant: TenantDep
 ) -> SessionObject:
@@ -154,7 +174,7 @@ async def merge(body: SessionMerge, rt: RuntimeDep, tenant: TenantDep) -> Sessio
     return await _info(rt, tenant, new_id)
 
 
-@router.post("/{session_id}/generate", response_model=CompletionResponse)
+@router.post("/{session_id:sid}/generate", response_model=CompletionResponse)
 async def generate(
     session_id: SidPath, body: SessionGenerate, request: Request, rt: RuntimeDep, tenant: TenantDep
 ):
@@ -164,7 +184,7 @@ async def generate(
     return await serve_completion(body, request, rt, tenant, session_id)
 
 
-@router.post("/{session_id}/fork", status_code=201)
+@router.post("/{session_id:sid}/fork", status_code=201)
 async def fork_session(
     session_id: SidPath, rt: RuntimeDep, tenant: TenantDep, body: SessionFork | None = None
 ) -> SessionObject:
@@ -181,7 +201,7 @@ async def fork_session(
     return await _info(rt, tenant, new_id)
 
 
-@router.get("/{session_id}/state")
+@router.get("/{session_id:sid}/state")
 async def export_state(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep) -> Response:
     async with rt.sessions.lease(tenant, session_id):
         try:
@@ -203,7 +223,7 @@ async def export_state(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep) -
     )
 
 
-@router.put("/{session_id}/state")
+@router.put("/{session_id:sid}/state")
 async def import_state(
     session_id: SidPath, request: Request, rt: RuntimeDep, tenant: TenantDep
 ) -> SessionObject:
