@@ -148,39 +148,50 @@ def drop_quality(model: RetNet, args: argparse.Namespace) -> dict[str, Any]:
                     )
     out = {"data": info, "prefix": P, "cont": C, "rows": rows, "wall_s": time.perf_counter() - t0}
     if args.plot:
-        plot_drop_quality(out, args.plot)
+        extra = [json.loads(p.read_text())["drop_quality"] for p in args.plot_with]
+        plot_drop_quality([out, *extra], args.plot)
         out["plot"] = str(args.plot)
     return out
 
 
-def plot_drop_quality(res: dict[str, Any], path: Path) -> None:
+def plot_drop_quality(results: list[dict[str, Any]], path: Path) -> None:
+    """NLL change (%) vs keep per policy: one row per drop_quality result, one column per from_layer."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = res["rows"]
-    full = rows[0]["nll"]
-    layers = sorted({r["from_layer"] for r in rows[1:]})
-    fig, axes = plt.subplots(1, len(layers), figsize=(5.2 * len(layers), 4), sharey=True, squeeze=False)
-    for ax, fl in zip(axes[0], layers, strict=True):
-        for policy in POLICIES:
-            pts = sorted(
-                (r["keep"], r["nll"]) for r in rows[1:] if r["from_layer"] == fl and r["policy"] == policy
+    layers = sorted({r["from_layer"] for r in results[0]["rows"][1:]})
+    fig, axes = plt.subplots(
+        len(results), len(layers), figsize=(5.2 * len(layers), 3.6 * len(results)), squeeze=False
+    )
+    for row_axes, res in zip(axes, results, strict=True):
+        rows, full = res["rows"], res["rows"][0]["nll"]
+        for ax, fl in zip(row_axes, layers, strict=True):
+            for policy in POLICIES:
+                pts = sorted(
+                    (
+                        (r["keep"], r["nll"])
+                        for r in rows[1:]
+                        if r["from_layer"] == fl and r["policy"] == policy
+                    ),
+                    reverse=True,
+                )
+                ks = [1.0] + [k for k, _ in pts]
+                rel = [0.0] + [100 * (n / full - 1) for _, n in pts]
+                ax.plot(ks, rel, marker="o", label=policy)
+            ax.axhline(0.0, color="grey", lw=0.8)
+            ax.set_title(
+                f"{res['prefix']}-token prompt, from_layer = {fl} (keep 1.0: {full:.3f} nats)", fontsize=9
             )
-            ks, ns = [1.0] + [k for k, _ in pts], [full] + [n for _, n in pts]
-            ax.plot(ks, ns, marker="o", label=policy)
-        ax.axhline(full * 1.02, color="grey", ls=":", lw=1, label="keep 1.0 + 2%")
-        ax.axhline(full * 1.05, color="grey", ls="--", lw=1, label="keep 1.0 + 5%")
-        ax.set_title(f"from_layer = {fl}")
-        ax.set_xlabel("keep (fraction of prompt tokens written to the state)")
-        ax.invert_xaxis()
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"NLL of the next {res['cont']} tokens (nats)")
+            ax.set_xlabel("keep (fraction of prompt tokens written to the state)", fontsize=8)
+            ax.invert_xaxis()
+            ax.grid(alpha=0.3)
+        row_axes[0].set_ylabel(f"NLL of the next {res['cont']} tokens,\n% vs keep 1.0", fontsize=8)
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(
-        f"Token dropping, retserve-small: {res['data']['windows']} held-out windows, "
-        f"{res['prefix']}-token prompt",
+        f"Token dropping on retserve-small ({results[0]['data']['windows']} held-out windows; "
+        "goals: keep 0.75 within +2%, keep 0.5 within +5%)",
         fontsize=10,
     )
     fig.tight_layout()
@@ -489,6 +500,14 @@ def main() -> None:
     ap.add_argument("--retrain-dir", type=Path, default=ROOT / "runs/recall-bench")
     ap.add_argument("--seed", type=int, default=2024)
     ap.add_argument("--plot", type=Path, default=ROOT / "docs/memory_dropping.png")
+    ap.add_argument(
+        "--plot-with",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="bench JSON files whose drop_quality to plot too",
+    )
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot from --json and --plot-with")
     ap.add_argument("--json", type=Path, default=ROOT / "runs/bench_memory.json")
     args = ap.parse_args()
     if args.quick:
@@ -496,6 +515,11 @@ def main() -> None:
         args.repeats, args.pairs, args.merge_tokens, args.merge_repeats = 2, 3, 2048, 10
         args.recall_examples = 200
         args.plot = args.plot.with_name(args.plot.stem + "_quick.png") if args.plot else None
+    if args.replot:
+        results = [json.loads(p.read_text())["drop_quality"] for p in [args.json, *args.plot_with]]
+        plot_drop_quality(results, args.plot)
+        print(f"wrote {args.plot}")
+        return
     torch.set_num_threads(args.threads)
     parts = [p for p in args.parts if p not in args.skip]
     res: dict[str, Any] = {
