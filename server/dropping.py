@@ -30,9 +30,13 @@ def request_dropping(body: object, default: TokenDropping | None, config: RetNet
     if td is None:
         return None
     try:
-        spec = to_spec(td, config)
+        spec = DropSpec(td.policy, td.keep, td.sinks, td.recent, td.from_layer, td.seed)
     except ValueError as e:
         raise APIError(400, f"token_dropping: {e}", param=FIELD) from None
+    try:
+        spec.check(config)
+    except ValueError as e:
+        raise APIError(400, f"token_dropping.from_layer: {e}", param=f"{FIELD}.from_layer") from None
     return spec if spec.keep < 1 else None
 
 

@@ -105,6 +105,16 @@ def test_streamed_continuation_equals_non_streamed(c: httpx.Client, doc: list[in
     assert "".join(ch["choices"][0]["text"] for ch in chunks) == text(completion(c, doc))
 
 
+def test_fork_and_export_import_keep_the_logits(c: httpx.Client, doc: list[int]) -> None:
+    sid = new_session(c, doc)["id"]
+    fork = ok(c.post(f"/v1/sessions/{sid}/fork"), 201)["id"]
+    blob = export(c, sid)
+    ok(c.put("/v1/sessions/reimported/state", content=blob))
+    want = text(completion(c, doc))
+    for s in (fork, "reimported"):
+        assert text(ok(c.post(f"/v1/sessions/{s}/generate", json=GREEDY))) == want
+
+
 def test_no_saved_logits_is_400(c: httpx.Client) -> None:
     sid = new_session(c)["id"]  # empty: nothing read, no logits
     err = assert_error(c.post(f"/v1/sessions/{sid}/generate", json=GREEDY), 400, "prompt_required")
@@ -226,7 +236,7 @@ def test_bad_dropping_is_400_on_every_endpoint(
     ]:
         err = assert_error(c.post(path, json={**body, "token_dropping": spec}), 400)
         assert err["type"] == "invalid_request_error"
-        assert named in err["message"], (path, err)
+        assert named in err["message"] and err["param"] == f"token_dropping.{named}", (path, err)
     assert ok(c.get(f"/v1/sessions/{sid}"))["tokens"] == 8  # nothing was read
 
 
