@@ -499,7 +499,9 @@ def main() -> None:
     ap.add_argument("--retrain-recall", action="store_true", help="retrain the recall model first (slow)")
     ap.add_argument("--retrain-dir", type=Path, default=ROOT / "runs/recall-bench")
     ap.add_argument("--seed", type=int, default=2024)
-    ap.add_argument("--plot", type=Path, default=ROOT / "docs/memory_dropping.png")
+    ap.add_argument(
+        "--plot", type=Path, default=None, help="default docs/memory_dropping.png (--quick: runs/...)"
+    )
     ap.add_argument(
         "--plot-with",
         type=Path,
@@ -514,7 +516,8 @@ def main() -> None:
         args.docs, args.prefix, args.cont, args.speed_tokens = 4, 512, 64, 2048
         args.repeats, args.pairs, args.merge_tokens, args.merge_repeats = 2, 3, 2048, 10
         args.recall_examples = 200
-        args.plot = args.plot.with_name(args.plot.stem + "_quick.png") if args.plot else None
+    if args.plot is None:
+        args.plot = ROOT / ("runs/memory_dropping_quick.png" if args.quick else "docs/memory_dropping.png")
     if args.replot:
         results = [json.loads(p.read_text())["drop_quality"] for p in [args.json, *args.plot_with]]
         plot_drop_quality(results, args.plot)
