@@ -54,9 +54,11 @@ def merge_weights(body: SessionMerge) -> list[float] | None:
     return list(w)
 
 
-def merge_label(mode: str, weights: list[float] | None) -> str:
-    """The merge as provenance records it (in `primed_from`: the header has no field for the mode)."""
-    return f"merge:{mode}" + (f" weights={','.join(repr(x) for x in weights)}" if weights else "")
+def _recorded_weights(mode: str, weights: list[float] | None, n: int) -> tuple[float, ...]:
+    """Provenance's weights: average records the weights it used (uniform when none were sent)."""
+    if mode != "average":
+        return ()
+    return tuple(weights) if weights else tuple(1.0 / n for _ in range(n))
 
 
 def _merge(
@@ -96,7 +98,11 @@ async def merge_sessions(rt: Runtime, tenant: str, body: SessionMerge) -> str:
             state, logits = await asyncio.to_thread(_merge, body.mode, loaded, weights)
         except ValueError as e:
             raise APIError(400, f"these sessions cannot be merged: {e}", param="sources") from None
-        provenance = Provenance(primed_from=merge_label(body.mode, weights), merged_from=tuple(body.sources))
+        provenance = Provenance(
+            merged_from=tuple(body.sources),
+            merge_mode=body.mode,
+            merge_weights=_recorded_weights(body.mode, weights, len(body.sources)),
+        )
         await rt.sessions.save(
             tenant, new_id, state, lease=leases[new_id], provenance=provenance, create=True, logits=logits
         )

@@ -62,9 +62,11 @@ class Provenance:
     primed_from: str | None = None  # digest of the text a primed-document state was made from
     merged_from: tuple[str, ...] = ()  # sessions whose states were merged into this one
     token_dropping: str | None = None  # token-dropping policy used while reading (None = none)
+    merge_mode: str | None = None  # "concat" | "average" when merged_from is set
+    merge_weights: tuple[float, ...] = ()  # average: one weight per merged_from entry
 
     def __post_init__(self) -> None:
-        for name in ("primed_from", "token_dropping"):
+        for name in ("primed_from", "token_dropping", "merge_mode"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or not 0 < len(v) <= MAX_LABEL_CHARS):
                 raise ValueError(f"provenance {name} must be None or a string of 1..{MAX_LABEL_CHARS} chars")
@@ -73,24 +75,40 @@ class Provenance:
         for s in self.merged_from:
             if not isinstance(s, str) or not 0 < len(s) <= MAX_LABEL_CHARS:
                 raise ValueError(f"provenance merged_from entries must be strings of 1..{MAX_LABEL_CHARS}")
+        if not isinstance(self.merge_weights, tuple) or len(self.merge_weights) > MAX_MERGED_FROM:
+            raise ValueError(f"provenance merge_weights must be a tuple of at most {MAX_MERGED_FROM} numbers")
+        for w in self.merge_weights:
+            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+                raise ValueError("provenance merge_weights entries must be finite numbers")
 
     def to_json(self) -> dict[str, Any]:
         return {
             "primed_from": self.primed_from,
             "merged_from": list(self.merged_from),
             "token_dropping": self.token_dropping,
+            "merge_mode": self.merge_mode,
+            "merge_weights": list(self.merge_weights),
         }
 
     @classmethod
     def from_json(cls, d: Any) -> Provenance:
-        if not isinstance(d, dict) or set(d) != {"primed_from", "merged_from", "token_dropping"}:
+        base = {"primed_from", "merged_from", "token_dropping"}
+        # merge_mode/merge_weights came later: headers written before them hold only the base keys.
+        if not isinstance(d, dict) or set(d) not in (base, base | {"merge_mode", "merge_weights"}):
             raise CorruptStateError(
                 "state header: provenance must hold primed_from, merged_from, token_dropping"
+                " (and optionally merge_mode, merge_weights)"
             )
-        if not isinstance(d["merged_from"], list):
-            raise CorruptStateError("state header: provenance merged_from must be a list")
+        if not isinstance(d["merged_from"], list) or not isinstance(d.get("merge_weights", []), list):
+            raise CorruptStateError("state header: provenance merged_from and merge_weights must be lists")
         try:
-            return cls(d["primed_from"], tuple(d["merged_from"]), d["token_dropping"])
+            return cls(
+                d["primed_from"],
+                tuple(d["merged_from"]),
+                d["token_dropping"],
+                d.get("merge_mode"),
+                tuple(d.get("merge_weights", [])),
+            )
         except ValueError as e:
             raise CorruptStateError(f"state header: {e}") from None
 

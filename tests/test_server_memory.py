@@ -267,9 +267,8 @@ def test_merge_creates_a_session_and_leaves_sources_unchanged(
     assert m["provenance"]["merged_from"] == [a, b]
     tokens = len(doc) if mode == "concat" else max(30, len(doc) - 30)
     assert m["tokens"] == tokens
-    assert m["provenance"]["primed_from"] == (
-        "merge:concat" if mode == "concat" else "merge:average weights=0.25,0.75"
-    )
+    assert m["provenance"]["merge_mode"] == mode
+    assert m["provenance"]["merge_weights"] == ([] if mode == "concat" else [0.25, 0.75])
     assert [export(c, a), export(c, b)] == before  # byte for byte
 
     out = ok(c.post(f"/v1/sessions/{m['id']}/generate", json={"prompt": doc[:5], **GREEDY}))
@@ -285,7 +284,8 @@ def test_concat_carries_the_last_sources_logits_and_average_none(c: httpx.Client
     # the first token is sampled from b's saved logits (whatever the merged state then reads)
     assert text(out) == text(completion(c, doc[20:], max_tokens=1))
     avg = ok(merge(c, sources=[a, b], mode="average"), 201)["id"]  # uniform weights by default
-    assert ok(c.get(f"/v1/sessions/{avg}"))["provenance"]["primed_from"] == "merge:average"
+    prov = ok(c.get(f"/v1/sessions/{avg}"))["provenance"]
+    assert prov["merge_mode"] == "average" and prov["merge_weights"] == [0.5, 0.5]
     assert_error(c.post(f"/v1/sessions/{avg}/generate", json=GREEDY), 400, "prompt_required")
 
 

@@ -88,6 +88,16 @@ def test_header_records_everything() -> None:
     assert fresh.created_at == fresh.updated_at and fresh.created_at > 1.7e9
 
 
+def test_provenance_records_merges_and_reads_headers_without_merge_fields() -> None:
+    prov = Provenance(merged_from=("a", "b", "c"), merge_mode="average", merge_weights=(0.5, 0.25, 0.25))
+    codec = tiny_codec()
+    assert codec.read_meta(codec.encode(tiny_state(), provenance=prov)).provenance == prov
+    old = {"primed_from": None, "merged_from": ["a"], "token_dropping": None}  # written before merges
+    assert Provenance.from_json(old) == Provenance(merged_from=("a",))
+    with pytest.raises(ValueError, match="merge_weights"):
+        Provenance(merge_weights=(float("nan"),))
+
+
 def test_encoded_state_is_plain_safetensors(tmp_path: Path) -> None:
     data = tiny_codec().encode(tiny_state())
     path = tmp_path / "state.safetensors"
