@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU build of torch; on a GPU host install the CUDA build of the same version into the venv first.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint format bench clean serve shipped-model compare
+.PHONY: install test test-fast lint format bench clean serve shipped-model compare
 
 install: $(VENV)/.installed
 
@@ -16,9 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# PYTEST_ARGS: extra pytest options (.ci/run passes --durations=15).
 test: install
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The unit tests only (tests/unit, without the few marked slow): the quick loop while developing.
+test-fast: install
+	$(PY) -m pytest -q tests/unit -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check .
