@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from model.checkpoint import from_pretrained, load_tokenizer  # noqa: E402
 from server.engine import Engine, EngineConfig, EngineRequest, EngineSamplingParams  # noqa: E402
-from tests.server_support import run_server  # noqa: E402
+from tests.support.server import run_server  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over the lazy dog and"
 
