@@ -104,6 +104,8 @@ def test_completion_streamed_equals_plain(client: Client) -> None:
     assert any(c.finish_reason == "length" for c in chunks)
     with client.completions(DOC, stream=True, **GREEDY) as s:
         assert s.text() == plain.text
+    with pytest.raises(RetserveError, match="already iterated"):
+        s.text()
     ids = client.completions([1, 2, 3, 4], **GREEDY)  # token ids as the prompt
     assert ids.usage is not None and ids.usage.prompt_tokens == 4
 
@@ -165,7 +167,8 @@ def test_sessions_sync(client: Client, tmp_path: Path) -> None:
 
     other = client.create_session("sync-other", prompt=MORE)
     merged = client.merge([s.id, other.id], session_id="sync-merged")
-    assert merged.provenance["merged_from"] == [s.id, other.id] and merged.tokens == primed.tokens + other.tokens
+    assert merged.provenance["merged_from"] == [s.id, other.id]
+    assert merged.tokens == primed.tokens + other.tokens  # positions add up
     avg = client.merge([s.id, other.id], mode="average", weights=[0.25, 0.75])
     assert avg.provenance["merge_mode"] == "average"
 

@@ -7,7 +7,7 @@ import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import httpx
 
@@ -24,7 +24,7 @@ from retserve_client.base import (
 )
 from retserve_client.errors import RetserveError, from_response
 from retserve_client.sse import SSEParser
-from retserve_client.types import Chunk, Model, Session, SessionPage
+from retserve_client.types import Chunk, Completion, Model, Session, SessionPage
 
 T = TypeVar("T")
 
@@ -43,8 +43,12 @@ class AsyncStream:
     def __init__(self, resp: httpx.Response, call: Call[Any]) -> None:
         self._resp = resp
         self._call = call
+        self._consumed = False
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
+        if self._consumed:
+            raise RetserveError("this stream was already iterated (or closed): make the call again")
+        self._consumed = True
         parser = SSEParser()
         try:
             async for line in self._resp.aiter_lines():
@@ -72,6 +76,7 @@ class AsyncStream:
         return "".join([c.text async for c in self])
 
     async def aclose(self) -> None:
+        self._consumed = True
         await self._resp.aclose()
 
     async def __aenter__(self) -> AsyncStream:
@@ -163,16 +168,58 @@ class AsyncClient:
 
     # -- OpenAI-compatible -------------------------------------------------------------------------
 
-    async def completions(self, prompt: str | Sequence[int], *, stream: bool = False, **params: Any) -> Any:
+    @overload
+    async def completions(
+        self, prompt: str | Sequence[int], *, stream: Literal[False] = False, **params: Any
+    ) -> Completion: ...
+
+    @overload
+    async def completions(
+        self, prompt: str | Sequence[int], *, stream: Literal[True], **params: Any
+    ) -> AsyncStream: ...
+
+    @overload
+    async def completions(
+        self, prompt: str | Sequence[int], *, stream: Literal[False] = False, **params: Any
+    ) -> Completion: ...
+
+    @overload
+    async def completions(
+        self, prompt: str | Sequence[int], *, stream: bool = ..., **params: Any
+    ) -> Completion | AsyncStream: ...
+
+    async def completions(
+        self, prompt: str | Sequence[int], *, stream: bool = False, **params: Any
+    ) -> Completion | AsyncStream:
         """`POST /v1/completions`: a `Completion`, or with `stream=True` an `AsyncStream` of `Chunk`s.
 
         `prompt` is text or token ids; `**params`: max_tokens, temperature, top_p, top_k, stop, seed,
         logprobs, session_id, token_dropping, stream_options, ... (the server's JSON fields)."""
         return await self._maybe_stream(Calls.completions(prompt, stream, params))
 
+    @overload
+    async def chat(
+        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[False] = False, **params: Any
+    ) -> Completion: ...
+
+    @overload
+    async def chat(
+        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[True], **params: Any
+    ) -> AsyncStream: ...
+
+    @overload
+    async def chat(
+        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[False] = False, **params: Any
+    ) -> Completion: ...
+
+    @overload
+    async def chat(
+        self, messages: Sequence[Mapping[str, Any]], *, stream: bool = ..., **params: Any
+    ) -> Completion | AsyncStream: ...
+
     async def chat(
         self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, **params: Any
-    ) -> Any:
+    ) -> Completion | AsyncStream:
         """`POST /v1/chat/completions`: a `Completion` (`text` = the answer), or an `AsyncStream` of `Chunk`s.
 
         >>> client.chat([{"role": "user", "content": "Hello"}], max_tokens=16).text"""
@@ -203,9 +250,39 @@ class AsyncClient:
         """`POST /v1/sessions/{id}/prime`: read more text into the session without generating."""
         return await self._send(Calls.prime(session_id, prompt, token_dropping))
 
+    @overload
+    async def generate(
+        self,
+        session_id: str,
+        prompt: str | Sequence[int] = "",
+        *,
+        stream: Literal[False] = False,
+        **params: Any,
+    ) -> Completion: ...
+
+    @overload
+    async def generate(
+        self, session_id: str, prompt: str | Sequence[int] = "", *, stream: Literal[True], **params: Any
+    ) -> AsyncStream: ...
+
+    @overload
+    async def generate(
+        self,
+        session_id: str,
+        prompt: str | Sequence[int] = "",
+        *,
+        stream: Literal[False] = False,
+        **params: Any,
+    ) -> Completion: ...
+
+    @overload
+    async def generate(
+        self, session_id: str, prompt: str | Sequence[int] = "", *, stream: bool = ..., **params: Any
+    ) -> Completion | AsyncStream: ...
+
     async def generate(
         self, session_id: str, prompt: str | Sequence[int] = "", *, stream: bool = False, **params: Any
-    ) -> Any:
+    ) -> Completion | AsyncStream:
         """`POST /v1/sessions/{id}/generate`: continue the session (an empty prompt continues from its
         saved next-token logits); a `Completion`, or an `AsyncStream` with `stream=True`."""
         return await self._maybe_stream(Calls.generate(session_id, prompt, stream, params))

@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import httpx
 
@@ -24,7 +24,7 @@ from retserve_client.base import (
 )
 from retserve_client.errors import RetserveError, from_response
 from retserve_client.sse import SSEParser
-from retserve_client.types import Chunk, Model, Session, SessionPage
+from retserve_client.types import Chunk, Completion, Model, Session, SessionPage
 
 T = TypeVar("T")
 
@@ -43,8 +43,12 @@ class Stream:
     def __init__(self, resp: httpx.Response, call: Call[Any]) -> None:
         self._resp = resp
         self._call = call
+        self._consumed = False
 
     def __iter__(self) -> Iterator[Chunk]:
+        if self._consumed:
+            raise RetserveError("this stream was already iterated (or closed): make the call again")
+        self._consumed = True
         parser = SSEParser()
         try:
             for line in self._resp.iter_lines():
@@ -72,6 +76,7 @@ class Stream:
         return "".join(c.text for c in self)
 
     def close(self) -> None:
+        self._consumed = True
         self._resp.close()
 
     def __enter__(self) -> Stream:
@@ -163,14 +168,56 @@ class Client:
 
     # -- OpenAI-compatible -------------------------------------------------------------------------
 
-    def completions(self, prompt: str | Sequence[int], *, stream: bool = False, **params: Any) -> Any:
+    @overload
+    def completions(
+        self, prompt: str | Sequence[int], *, stream: Literal[False] = False, **params: Any
+    ) -> Completion: ...
+
+    @overload
+    def completions(self, prompt: str | Sequence[int], *, stream: Literal[True], **params: Any) -> Stream: ...
+
+    @overload
+    def completions(
+        self, prompt: str | Sequence[int], *, stream: Literal[False] = False, **params: Any
+    ) -> Completion: ...
+
+    @overload
+    def completions(
+        self, prompt: str | Sequence[int], *, stream: bool = ..., **params: Any
+    ) -> Completion | Stream: ...
+
+    def completions(
+        self, prompt: str | Sequence[int], *, stream: bool = False, **params: Any
+    ) -> Completion | Stream:
         """`POST /v1/completions`: a `Completion`, or with `stream=True` a `Stream` of `Chunk`s.
 
         `prompt` is text or token ids; `**params`: max_tokens, temperature, top_p, top_k, stop, seed,
         logprobs, session_id, token_dropping, stream_options, ... (the server's JSON fields)."""
         return self._maybe_stream(Calls.completions(prompt, stream, params))
 
-    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, **params: Any) -> Any:
+    @overload
+    def chat(
+        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[False] = False, **params: Any
+    ) -> Completion: ...
+
+    @overload
+    def chat(
+        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[True], **params: Any
+    ) -> Stream: ...
+
+    @overload
+    def chat(
+        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[False] = False, **params: Any
+    ) -> Completion: ...
+
+    @overload
+    def chat(
+        self, messages: Sequence[Mapping[str, Any]], *, stream: bool = ..., **params: Any
+    ) -> Completion | Stream: ...
+
+    def chat(
+        self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, **params: Any
+    ) -> Completion | Stream:
         """`POST /v1/chat/completions`: a `Completion` (`text` = the answer), or a `Stream` of `Chunk`s.
 
         >>> client.chat([{"role": "user", "content": "Hello"}], max_tokens=16).text"""
@@ -201,9 +248,39 @@ class Client:
         """`POST /v1/sessions/{id}/prime`: read more text into the session without generating."""
         return self._send(Calls.prime(session_id, prompt, token_dropping))
 
+    @overload
+    def generate(
+        self,
+        session_id: str,
+        prompt: str | Sequence[int] = "",
+        *,
+        stream: Literal[False] = False,
+        **params: Any,
+    ) -> Completion: ...
+
+    @overload
+    def generate(
+        self, session_id: str, prompt: str | Sequence[int] = "", *, stream: Literal[True], **params: Any
+    ) -> Stream: ...
+
+    @overload
+    def generate(
+        self,
+        session_id: str,
+        prompt: str | Sequence[int] = "",
+        *,
+        stream: Literal[False] = False,
+        **params: Any,
+    ) -> Completion: ...
+
+    @overload
+    def generate(
+        self, session_id: str, prompt: str | Sequence[int] = "", *, stream: bool = ..., **params: Any
+    ) -> Completion | Stream: ...
+
     def generate(
         self, session_id: str, prompt: str | Sequence[int] = "", *, stream: bool = False, **params: Any
-    ) -> Any:
+    ) -> Completion | Stream:
         """`POST /v1/sessions/{id}/generate`: continue the session (an empty prompt continues from its
         saved next-token logits); a `Completion`, or a `Stream` with `stream=True`."""
         return self._maybe_stream(Calls.generate(session_id, prompt, stream, params))
