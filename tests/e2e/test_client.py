@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ sys.path.insert(0, str(ROOT / "clients" / "python"))
 
 from retserve_client import (  # noqa: E402
     APIConnectionError,
+    APITimeoutError,
     AsyncClient,
     AuthenticationError,
     BadRequest,
@@ -347,9 +349,13 @@ def test_rate_limit_retry_waits_retry_after(keyed_url: str) -> None:
 
 def test_connection_errors_and_bad_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     port = free_port()  # nothing listens there
-    with Client(f"http://127.0.0.1:{port}", max_retries=1, backoff_s=0.01) as c:
+    retries: list = []
+    with Client(
+        f"http://127.0.0.1:{port}", max_retries=1, backoff_s=0.01, on_retry=lambda *a: retries.append(a)
+    ) as c:
         with pytest.raises(APIConnectionError):
             c.health()
+        assert len(retries) == 1  # a GET whose connection failed is retried
         with pytest.raises(TypeError):
             c.merge("ab")  # one string, not a list of ids
         with pytest.raises(TypeError):
@@ -366,6 +372,19 @@ def test_connection_errors_and_bad_arguments(monkeypatch: pytest.MonkeyPatch) ->
     assert Client().config.base_url == "http://example.invalid:1"
     monkeypatch.delenv("RETSERVE_URL")
     assert Client().config.base_url == "http://127.0.0.1:8000"
+
+
+def test_timeout_is_typed_and_not_retried() -> None:
+    with socket.socket() as listener:  # accepts connections (the kernel's backlog), never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        retries: list = []
+        with Client(f"http://127.0.0.1:{port}", timeout=0.3, on_retry=lambda *a: retries.append(a)) as c:
+            t0 = time.monotonic()
+            with pytest.raises(APITimeoutError, match="timed out"):
+                c.health()
+            assert time.monotonic() - t0 < 5 and retries == []
 
 
 def test_sse_parser_and_error_mapping() -> None:
