@@ -310,8 +310,12 @@ def test_rate_limit_retry_waits_retry_after(keyed_url: str) -> None:
     with Client(keyed_url, api_key=RATE_KEY, max_retries=0) as strict:
         limited = _exhaust(strict)
         assert limited.status == 429 and limited.retry_after is not None and limited.retry_after >= 1
-        with pytest.raises(RateLimited):  # a POST is not retried by default
-            Client(keyed_url, api_key=RATE_KEY, on_retry=lambda *a: retries.append(a)).completions(DOC)
+        hook = {"on_retry": lambda *a: retries.append(a)}
+        with Client(keyed_url, api_key=RATE_KEY, **hook) as c, pytest.raises(RateLimited):
+            c.completions(DOC)  # a POST is not retried by default
+        assert retries == []
+        with Client(keyed_url, api_key=RATE_KEY, max_backoff_s=0.5, **hook) as c, pytest.raises(RateLimited):
+            c.models()  # Retry-After (>= 1 s) is over max_backoff_s: raised, not waited
         assert retries == []
     with Client(keyed_url, api_key=RATE_KEY, max_retries=3, on_retry=lambda *a: retries.append(a)) as c:
         t0 = time.monotonic()

@@ -99,7 +99,8 @@ class AsyncClient:
     429 / 503 are retried up to `max_retries` times, waiting at least the server's Retry-After, for
     idempotent calls (GET, DELETE, PUT state); pass `retry_non_idempotent=True` for the POSTs too.
     Sampling parameters (`max_tokens`, `temperature`, `stop`, `seed`, `token_dropping`, ...) go in
-    `**params` as the server's JSON names.
+    `**params` as the server's JSON names. `http_client`: your own httpx client (its timeout, proxies
+    and TLS settings apply; it is not closed by `close()`).
     """
 
     def __init__(
@@ -148,9 +149,9 @@ class AsyncClient:
                 err: RetserveError = from_response(resp)
             except httpx.TransportError as e:
                 err = transport_error(e, call)
-            if not (retryable(err) and cfg.may_retry(call, attempt)):
+            delay = cfg.retry_delay(attempt, err) if retryable(err) and cfg.may_retry(call, attempt) else None
+            if delay is None:
                 raise err
-            delay = cfg.retry_delay(attempt, err)
             attempt += 1
             if cfg.on_retry is not None:
                 cfg.on_retry(attempt, delay, err)

@@ -189,9 +189,10 @@ class Config:
     base_url: argument, else RETSERVE_URL, else http://127.0.0.1:8000. api_key: argument, else
     RETSERVE_API_KEY, else none (a server without keys). max_retries: how many times a 429/503 (or a
     failed connection) is retried, waiting at least the server's Retry-After, else an exponential backoff
-    from `backoff_s` (capped at `max_backoff_s`). Only idempotent calls (GET, DELETE, PUT state) are
-    retried unless `retry_non_idempotent=True` (a retried POST may run twice if the first attempt's
-    answer was lost). `on_retry(attempt, delay_s, error)` is called before each wait.
+    from `backoff_s` (capped at `max_backoff_s`; a Retry-After longer than that is raised, not waited).
+    Only idempotent calls (GET, DELETE, PUT state) are retried unless `retry_non_idempotent=True` (a
+    retried POST may run twice if the first attempt's answer was lost). `on_retry(attempt, delay_s,
+    error)` is called before each wait.
     """
 
     def __init__(
@@ -230,8 +231,11 @@ class Config:
     def may_retry(self, call: Call[Any], attempt: int) -> bool:
         return attempt < self.max_retries and (call.idempotent or self.retry_non_idempotent)
 
-    def retry_delay(self, attempt: int, err: RetserveError) -> float:
-        """Seconds to wait before retry number `attempt + 1`: at least the server's Retry-After."""
+    def retry_delay(self, attempt: int, err: RetserveError) -> float | None:
+        """Seconds to wait before retry number `attempt + 1`: at least the server's Retry-After; None
+        (do not retry: raise, the error carries `retry_after`) when that is over `max_backoff_s`."""
+        if err.retry_after is not None and err.retry_after > self.max_backoff_s:
+            return None
         backoff = min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
         return max(backoff, err.retry_after or 0.0)
 
