@@ -23,8 +23,8 @@ import torch
 from model.checkpoint import load_config
 from model.tokenizer import Tokenizer
 from state_store import StateCodec
-from tests.support.server import run_server
 from tests.e2e.test_server_e2e import DOCUMENT, MODEL_DIR, assert_error, ok, parse_sse, stream_post
+from tests.support.server import run_server
 
 GREEDY = {"temperature": 0, "max_tokens": 8}
 DROP = {"policy": "decayed", "keep": 0.5, "sinks": 1, "recent": 1}  # forced: first and last token
