@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from model.config import RetNetConfig
-from model.ops import retention_log_decay
+from model.ops import compute_dtype, retention_log_decay
 from model.retnet import RetNet, token_positions
 from model.state import RetentionState
 
@@ -105,7 +105,7 @@ def token_scores(policy: str, k: Tensor, v: Tensor, attention_mask: Tensor | Non
     """
     if policy not in _SCORED:
         raise ValueError(f"token_scores is for the {_SCORED} policies, got {policy!r}")
-    dt = torch.float64 if k.dtype == torch.float64 else torch.float32  # norms: float32 is plenty to rank
+    dt = compute_dtype(k.dtype)  # norms: float32 is plenty to rank
     log_kv = k.to(dt).norm(dim=-1).double().log() + v.to(dt).norm(dim=-1).double().log()  # (B, T, H_kv)
     if log_kv.shape[-1] != num_heads:
         log_kv = log_kv.repeat_interleave(num_heads // log_kv.shape[-1], dim=-1)  # (B, T, H)

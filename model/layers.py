@@ -10,14 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import RetNetConfig
-from model.ops import chunk_retention, parallel_retention, recurrent_retention
+from model.ops import chunk_retention, compute_dtype, parallel_retention, recurrent_retention
 
 Mode = Literal["parallel", "chunk", "recurrent"]
 
 
 def _fp(x: Tensor) -> torch.dtype:
-    """Computation dtype for numerically sensitive parts: float32, or float64 for float64 models."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    """Computation dtype for numerically sensitive parts (ops.compute_dtype of x's dtype)."""
+    return compute_dtype(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -64,7 +64,7 @@ class Rotary:
     """
 
     def __init__(self, positions: Tensor, dim: int, base: float, dtype: torch.dtype) -> None:
-        dt = torch.float64 if dtype == torch.float64 else torch.float32
+        dt = compute_dtype(dtype)
         angles = positions.to(dt)[..., None] * _inv_freq(dim, base, dt, positions.device)  # (B, T, D/2)
         self.cos = angles.cos().repeat(1, 1, 2)[:, :, None, :]  # (B, T, 1, D)
         self.sin = angles.sin().repeat(1, 1, 2)[:, :, None, :]

@@ -56,8 +56,10 @@ def _gamma(num_heads: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         return torch.exp(_log_decay(num_heads, device)).to(dtype)[None, :, None, None]  # (1, H, 1, 1)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The one rule for numerically sensitive work (retention, norms, rotary angles, states):
+    float64 for float64 models, float32 for everything else (fp32, bf16, fp16)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _prepare(
@@ -78,7 +80,7 @@ def _prepare(
     Dv = v.shape[-1]
     if k.shape != (B, H, T, Dk) or v.shape[:3] != (B, H, T):
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} do not match")
-    dt = _compute_dtype(q)
+    dt = compute_dtype(q.dtype)
     scale = Dk**-0.5 if scale is None else scale
     q = q.to(dt) * scale
     k = k.to(dt)
@@ -144,7 +146,7 @@ def naive_retention(
             if w:
                 S[b] = S[b] + k[b, :, t, :, None].to(f64) * v[b, :, t, None, :].to(f64)
             o[b, :, t] = torch.einsum("hk,hkv->hv", q[b, :, t].to(f64) * scale, S[b])
-    final = S.to(_compute_dtype(q)) if output_final_state else None
+    final = S.to(compute_dtype(q.dtype)) if output_final_state else None
     return o.to(q.dtype), final
 
 

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from model.config import RetNetConfig
 from model.layers import Mode, RetNetBlock, RMSNorm, Rotary
+from model.ops import compute_dtype
 from model.state import RetentionState
 
 ForwardMode = Literal["auto", "parallel", "chunk", "recurrent"]
@@ -67,7 +68,7 @@ class RetNet(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def empty_state(self, batch_size: int) -> RetentionState:
-        dt = torch.float64 if self.dtype == torch.float64 else torch.float32
+        dt = compute_dtype(self.dtype)
         return RetentionState.empty(self.config, batch_size, device=self.device, dtype=dt)
 
     def check_inputs(

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from model.config import RetNetConfig
-from model.ops import retention_log_decay
+from model.ops import compute_dtype, retention_log_decay
 from state_store.errors import CorruptStateError
 
 DEFAULT_SAFETY = 1.1
@@ -62,7 +62,7 @@ class StateBounds:
     def check_layer(self, layer: int, t: Tensor, what: str = "the state") -> float:
         """Raise StateBoundsError if a head of layer `layer`'s state `t` (B, H, Dk, Dv) exceeds its
         bound (t must be finite); returns the largest norm / bound ratio seen."""
-        acc = torch.float64 if t.dtype == torch.float64 else torch.float32  # float32: ~1e-6 relative
+        acc = compute_dtype(t.dtype)  # float32: ~1e-6 relative
         norms = torch.linalg.vector_norm(t, dim=(-2, -1), dtype=acc).double()  # (B, H); inf beyond f32
         ratio = norms / self.state_norm[layer].to(norms.device)  # (B, H)
         worst = float(ratio.max()) if ratio.numel() else 0.0
