@@ -181,11 +181,6 @@ class AsyncClient:
 
     @overload
     async def completions(
-        self, prompt: str | Sequence[int], *, stream: Literal[False] = False, **params: Any
-    ) -> Completion: ...
-
-    @overload
-    async def completions(
         self, prompt: str | Sequence[int], *, stream: bool = ..., **params: Any
     ) -> Completion | AsyncStream: ...
 
@@ -207,11 +202,6 @@ class AsyncClient:
     async def chat(
         self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[True], **params: Any
     ) -> AsyncStream: ...
-
-    @overload
-    async def chat(
-        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[False] = False, **params: Any
-    ) -> Completion: ...
 
     @overload
     async def chat(
@@ -265,16 +255,6 @@ class AsyncClient:
     async def generate(
         self, session_id: str, prompt: str | Sequence[int] = "", *, stream: Literal[True], **params: Any
     ) -> AsyncStream: ...
-
-    @overload
-    async def generate(
-        self,
-        session_id: str,
-        prompt: str | Sequence[int] = "",
-        *,
-        stream: Literal[False] = False,
-        **params: Any,
-    ) -> Completion: ...
 
     @overload
     async def generate(

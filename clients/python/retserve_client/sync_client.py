@@ -179,11 +179,6 @@ class Client:
 
     @overload
     def completions(
-        self, prompt: str | Sequence[int], *, stream: Literal[False] = False, **params: Any
-    ) -> Completion: ...
-
-    @overload
-    def completions(
         self, prompt: str | Sequence[int], *, stream: bool = ..., **params: Any
     ) -> Completion | Stream: ...
 
@@ -205,11 +200,6 @@ class Client:
     def chat(
         self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[True], **params: Any
     ) -> Stream: ...
-
-    @overload
-    def chat(
-        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[False] = False, **params: Any
-    ) -> Completion: ...
 
     @overload
     def chat(
@@ -263,16 +253,6 @@ class Client:
     def generate(
         self, session_id: str, prompt: str | Sequence[int] = "", *, stream: Literal[True], **params: Any
     ) -> Stream: ...
-
-    @overload
-    def generate(
-        self,
-        session_id: str,
-        prompt: str | Sequence[int] = "",
-        *,
-        stream: Literal[False] = False,
-        **params: Any,
-    ) -> Completion: ...
 
     @overload
     def generate(
