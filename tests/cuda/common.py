@@ -14,8 +14,8 @@ import copy
 import pytest
 import torch
 
-from model.config import preset
 from model.retnet import RetNet
+from tests.support import models
 
 HAS_CUDA = torch.cuda.is_available()
 NO_CUDA = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
@@ -58,13 +58,8 @@ def tolerance(dtype: torch.dtype, num_layers: int, accumulation: int) -> float:
 def random_model(device: str, dtype: torch.dtype, **overrides) -> tuple[RetNet, RetNet]:
     """(the model on `device` in `dtype`, a float64 CPU copy of exactly its weights).
 
-    Norm weights are non-trivial so that a wrong norm would show (as in tests/unit/test_retnet.py)."""
-    torch.manual_seed(0)
-    base = RetNet(preset("tiny", **overrides)).eval()
-    with torch.no_grad():
-        for p in base.parameters():
-            if p.ndim == 1:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
+    Norm weights are non-trivial so that a wrong norm would show (tests/support/models.py)."""
+    base = models.random_model(torch.float32, **overrides)
     dev = copy.deepcopy(base).to(device=device, dtype=dtype)
     ref = copy.deepcopy(dev).to(device="cpu", dtype=torch.float64)  # the rounded weights, exactly
     return dev, ref

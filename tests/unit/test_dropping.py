@@ -19,16 +19,11 @@ from model.ops import (
 )
 from model.retnet import RetNet
 from model.state import RetentionState
+from tests.support.models import random_model
 
 
 def _model(dtype: torch.dtype, **kw) -> RetNet:
-    torch.manual_seed(0)
-    m = RetNet(preset("tiny", num_hidden_layers=3, **kw)).eval().to(dtype)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.ndim == 1:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-    return m
+    return random_model(dtype, num_hidden_layers=3, **kw)
 
 
 @pytest.fixture(scope="module")

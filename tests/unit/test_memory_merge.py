@@ -5,20 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.config import preset
 from model.memory import merge_average, merge_concat, rotate_keys
 from model.retnet import RetNet
 from model.state import RetentionState, StateMismatchError
+from tests.support.models import random_model
 
 
 def _model(layers: int, dtype: torch.dtype = torch.float64, **kw) -> RetNet:
-    torch.manual_seed(layers)
-    m = RetNet(preset("tiny", num_hidden_layers=layers, **kw)).eval().to(dtype)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.ndim == 1:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-    return m
+    return random_model(dtype, seed=layers, num_hidden_layers=layers, **kw)
 
 
 @pytest.fixture(scope="module")

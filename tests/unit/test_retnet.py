@@ -8,17 +8,11 @@ import torch
 from model.config import preset
 from model.retnet import RetNet
 from model.state import RetentionState, StateMismatchError
+from tests.support.models import random_model
 
 
 def _model(dtype: torch.dtype, **overrides) -> RetNet:
-    torch.manual_seed(0)
-    m = RetNet(preset("tiny", **overrides)).eval().to(dtype)
-    # Non-trivial norm weights, so that a wrong norm would show.
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.ndim == 1:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-    return m
+    return random_model(dtype, **overrides)
 
 
 @pytest.fixture(scope="module")
