@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import random
 
 import pytest
 import torch
 
 from server.engine import Engine, EngineConfig, EngineRequest, EngineSamplingParams
-from tests.support.engine import TEXT, model, prefix_state, run, tok
+from tests.support.engine import (
+    DELAYS,
+    TEXT,
+    abort_after,
+    copy_req,
+    mixed_requests,
+    model,
+    prefix_state,
+    run,
+    tok,
+)
 
 
 def ascii_bias() -> dict[int, float]:
@@ -23,26 +32,9 @@ def ascii_bias() -> dict[int, float]:
     return bias
 
 
-def copy_req(r: EngineRequest) -> EngineRequest:
-    return EngineRequest(list(r.prompt_ids), r.params, r.state.clone() if r.state is not None else None)
-
-
-def mixed_requests(params_fn) -> list[EngineRequest]:
-    ids = tok().encode(TEXT)
-    rng = random.Random(1)
-    reqs = []
-    for i in range(7):
-        n = rng.choice([1, 3, 9, 17, 40, 70])
-        start = rng.randrange(0, len(ids) - n)
-        state = prefix_state(ids[: 5 + i]) if i % 2 else None  # mixed resumed sessions
-        reqs.append(EngineRequest(ids[start : start + n], params_fn(i), state))
-    return reqs
-
-
 def assert_batched_equals_alone(reqs):
-    delays = [0.0, 0.0, 0.002, 0.01, 0.0, 0.03, 0.005]
     stats: list = []
-    batched = run([copy_req(r) for r in reqs], delays=delays, stats=stats)
+    batched = run([copy_req(r) for r in reqs], delays=DELAYS, stats=stats)
     # they really shared batches: decode steps of several rows, and prompts read beside decoding rows
     assert max(s.decode_rows for s in stats) >= 3, [s.decode_rows for s in stats]
     assert any(s.prefill_rows and s.decode_rows for s in stats)
@@ -155,22 +147,7 @@ def test_final_state_after_abort():
         req = EngineRequest(
             t.encode("It's a small story"), EngineSamplingParams(temperature=0, max_tokens=10_000, stop=stop)
         )
-
-        async def main(req=req):
-            eng = Engine(model(), t)
-            try:
-                stream = eng.submit(req)
-                ids = []
-                async for out in stream:
-                    ids += out.token_ids
-                    if len(ids) >= 5 and not out.finished:
-                        stream.abort()
-                    if out.finished:
-                        return ids, out
-            finally:
-                eng.shutdown()
-
-        ids, out = asyncio.run(main())
+        ids, out = abort_after(req, 5)
         assert out.finish_reason == "abort"
         check_final_state(req, ids, out)
 
@@ -216,8 +193,7 @@ def test_compiled_decode_step_matches_eager():
     )
     cfg = EngineConfig(prefill_chunk=16, prefill_budget=32, compile=True, compile_buckets=(8,))
     stats: list = []
-    delays = [0.0, 0.0, 0.002, 0.01, 0.0, 0.03, 0.005]
-    compiled = run([copy_req(r) for r in reqs], config=cfg, delays=delays, stats=stats)
+    compiled = run([copy_req(r) for r in reqs], config=cfg, delays=DELAYS, stats=stats)
     assert max(s.decode_rows for s in stats) >= 3  # batches of several rows (padded to the bucket of 8)
     eager = run([copy_req(r) for r in reqs])
     for (ids, text, out), (e_ids, e_text, e_out) in zip(compiled, eager, strict=True):

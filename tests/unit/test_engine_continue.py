@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from server.engine import Engine, EngineConfig, EngineRequest, EngineSamplingParams
-from tests.support.engine import TEXT, model, prefix_state, run, tok
+from tests.support.engine import TEXT, abort_after, model, prefix_state, run, tok
 
 
 def greedy(n: int, **kw) -> EngineSamplingParams:
@@ -65,22 +65,7 @@ def test_final_logits_belong_to_the_final_state(reason):
 
 def test_abort_returns_the_logits_of_the_returned_state():
     for stop in ([], ["qqqq"]):
-
-        async def main(stop=stop):
-            eng = Engine(model(), tok())
-            try:
-                stream = eng.submit(EngineRequest(list(PROMPT), greedy(10_000, stop=stop)))
-                ids = []
-                async for out in stream:
-                    ids += out.token_ids
-                    if len(ids) >= 4 and not out.finished:
-                        stream.abort()
-                    if out.finished:
-                        return ids, out
-            finally:
-                eng.shutdown()
-
-        ids, out = asyncio.run(main())
+        ids, out = abort_after(EngineRequest(list(PROMPT), greedy(10_000, stop=stop)), 4)
         assert out.finish_reason == "abort" and out.usage.completion_tokens == len(ids)
         torch.testing.assert_close(out.logits, reference_logits(PROMPT + ids), atol=1e-4, rtol=1e-4)
 
