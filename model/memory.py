@@ -115,7 +115,9 @@ def merge_concat(states: Sequence[RetentionState]) -> RetentionState:
     return RetentionState(out, torch.tensor([n1], dtype=torch.long, device=first.device), c)
 
 
-def _weights(weights: Sequence[float] | Tensor | None, n: int) -> list[float]:
+def average_weights(weights: Sequence[float] | Tensor | None, n: int) -> list[float]:
+    """The weights merge_average uses for `n` sources: uniform for None, else checked (ValueError
+    saying what to fix: one per source, finite, >= 0, summing to 1 within 1e-6)."""
     if weights is None:
         return [1.0 / n] * n
     w = weights.tolist() if isinstance(weights, Tensor) else list(weights)
@@ -135,7 +137,7 @@ def merge_average(
 ) -> RetentionState:
     """Weighted average of the sources, each shifted to end at the largest position (module docstring)."""
     positions = _check_sources(states, "merge_average")
-    w = _weights(weights, len(states))
+    w = average_weights(weights, len(states))
     first = states[0]
     c = first.config
     P = max(positions)

@@ -15,9 +15,13 @@ from server.protocol import TokenDropping
 FIELD = "token_dropping"
 
 
+def _spec(td: TokenDropping) -> DropSpec:
+    return DropSpec(td.policy, td.keep, td.sinks, td.recent, td.from_layer, td.seed)
+
+
 def to_spec(td: TokenDropping, config: RetNetConfig) -> DropSpec:
     """The engine's DropSpec for a validated request field (ValueError saying what to fix)."""
-    spec = DropSpec(td.policy, td.keep, td.sinks, td.recent, td.from_layer, td.seed)
+    spec = _spec(td)
     spec.check(config)
     return spec
 
@@ -30,7 +34,7 @@ def request_dropping(body: object, default: TokenDropping | None, config: RetNet
     if td is None:
         return None
     try:
-        spec = DropSpec(td.policy, td.keep, td.sinks, td.recent, td.from_layer, td.seed)
+        spec = _spec(td)
     except ValueError as e:
         raise APIError(400, f"token_dropping: {e}", param=FIELD) from None
     try:

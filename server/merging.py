@@ -14,12 +14,11 @@ are only read. The merge arithmetic runs in a worker thread.
 from __future__ import annotations
 
 import asyncio
-import math
 from contextlib import AsyncExitStack
 
 from torch import Tensor
 
-from model.memory import merge_average, merge_concat
+from model.memory import average_weights, merge_average, merge_concat
 from model.state import RetentionState
 from server.errors import APIError
 from server.generation import session_exists
@@ -28,37 +27,21 @@ from server.runtime import Runtime
 from server.session_service import new_session_id, store_error
 from state_store import Lease, LoadedState, Provenance, StateStoreError
 
-WEIGHT_SUM_TOLERANCE = 1e-6  # model.memory.merge_average's
-
 
 def merge_weights(body: SessionMerge) -> list[float] | None:
-    """The request's weights, checked against its mode and sources (APIError 400 saying what to fix)."""
+    """The weights the merge will use (average: the request's, or uniform; concat: None), checked
+    against the mode and sources (APIError 400 saying what to fix)."""
     dupes = sorted({s for s in body.sources if body.sources.count(s) > 1})
     if dupes:
         raise APIError(400, f"sources: {dupes[0]!r} is listed twice; list each session once", param="sources")
-    w = body.weights
-    if w is None:
-        return None
     if body.mode == "concat":
-        raise APIError(400, "weights are for mode 'average'; a concat takes none", param="weights")
-    if len(w) != len(body.sources):
-        raise APIError(
-            400,
-            f"weights has {len(w)} entries for {len(body.sources)} sources: send one each",
-            param="weights",
-        )
-    if not all(math.isfinite(x) and x >= 0 for x in w):
-        raise APIError(400, "weights must be finite numbers >= 0", param="weights")
-    if abs(math.fsum(w) - 1.0) > WEIGHT_SUM_TOLERANCE:
-        raise APIError(400, f"weights must sum to 1; these sum to {math.fsum(w):.9g}", param="weights")
-    return list(w)
-
-
-def _recorded_weights(mode: str, weights: list[float] | None, n: int) -> tuple[float, ...]:
-    """Provenance's weights: average records the weights it used (uniform when none were sent)."""
-    if mode != "average":
-        return ()
-    return tuple(weights) if weights else tuple(1.0 / n for _ in range(n))
+        if body.weights is not None:
+            raise APIError(400, "weights are for mode 'average'; a concat takes none", param="weights")
+        return None
+    try:
+        return average_weights(body.weights, len(body.sources))
+    except ValueError as e:
+        raise APIError(400, str(e).removeprefix("merge_average: "), param="weights") from None
 
 
 def _merge(
@@ -101,7 +84,7 @@ async def merge_sessions(rt: Runtime, tenant: str, body: SessionMerge) -> str:
         provenance = Provenance(
             merged_from=tuple(body.sources),
             merge_mode=body.mode,
-            merge_weights=_recorded_weights(body.mode, weights, len(body.sources)),
+            merge_weights=tuple(weights or ()),
         )
         await rt.sessions.save(
             tenant, new_id, state, lease=leases[new_id], provenance=provenance, create=True, logits=logits
