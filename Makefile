@@ -5,19 +5,23 @@ PY := $(VENV)/bin/python
 # CPU build of torch; on a GPU host install the CUDA build of the same version into the venv first.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-fast lint format bench clean serve shipped-model compare
+.PHONY: install system-deps test test-fast lint format bench bench-peers clean serve shipped-model compare image-test
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' -e ./clients/python
 	touch $@
 
+# Debian packages for the browser, deployment-lint and image tests (scripts/system-deps.sh).
+system-deps:
+	bash scripts/system-deps.sh
+
 # PYTEST_ARGS: extra pytest options (.ci/run passes --durations=15).
-test: install
+test: install system-deps
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
@@ -35,6 +39,16 @@ format: install
 
 bench: install
 	$(PY) bench/bench_model.py
+
+# retserve against its peers (torchscale's RetNet, transformers' GPT-2): installs them, then measures.
+bench-peers: install
+	bash bench/peers/install.sh $(PY)
+	$(PY) bench/bench_peers.py
+
+# Build the CPU container image with buildah from a debootstrapped base and run the server in it
+# (docker/image-test.sh; .ci/run runs it after the tests).
+image-test: install system-deps
+	bash docker/image-test.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

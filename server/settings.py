@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
     shutdown_timeout_s: float = Field(10.0, ge=0)  # on SIGTERM: wait this long for open streams
+    playground: bool = True  # the web playground at GET / (server/static)
 
     @field_validator("api_keys")
     @classmethod
