@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from server.bodylimit import RequestGuard
 from server.errors import install_handlers
 from server.openapi import install_openapi
-from server.routes import openai, ops, sessions
+from server.routes import openai, ops, playground, sessions
 from server.runtime import start_runtime
 from server.settings import Settings
 
@@ -39,5 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(openai.router)
     app.include_router(sessions.router)
+    if settings.playground:  # GET / and /static/*: the web playground (404 when off)
+        app.include_router(playground.router)
     install_openapi(app, settings)
     return app

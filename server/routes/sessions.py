@@ -34,6 +34,7 @@ from server.routes.common import encode_prompt, final_result, usage
 from server.routes.openai import serve_completion
 from server.runtime import Runtime
 from server.session_service import new_session_id, session_not_found, store_error
+from server.session_stats import SessionStats, session_stats
 from state_store import EntryInfo, Provenance, StateCodecError, StateStoreError, ValueTooLargeError
 
 
@@ -199,6 +200,15 @@ async def fork_session(
         await rt.sessions.save(tenant, new_id, src.state, lease=None, base=src, create=True, logits=logits)
     rt.metrics.sessions.labels(event="forked").inc()
     return await _info(rt, tenant, new_id)
+
+
+@router.get("/{session_id:sid}/stats")
+async def get_stats(session_id: SidPath, rt: RuntimeDep, tenant: TenantDep) -> SessionStats:
+    """The session's memory: tokens read, state size, per-(layer, head) state norms (a saved snapshot:
+    no lease, so it never waits for or blocks a running request)."""
+    loaded = await rt.sessions.load(tenant, session_id)
+    assert loaded is not None  # must_exist: 404 otherwise
+    return await session_stats(session_id, loaded)
 
 
 @router.get("/{session_id:sid}/state")
