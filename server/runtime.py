@@ -17,7 +17,7 @@ from model.tokenizer import Tokenizer
 from server.dropping import to_spec
 from server.engine import Engine, EngineConfig, EngineRequest, EngineSamplingParams
 from server.metrics import ServerMetrics
-from server.ratelimit import RateLimiter
+from server.ratelimit import RateLimiter, make_limiter
 from server.session_service import SessionService
 from server.settings import Settings
 from state_store import (
@@ -114,6 +114,7 @@ class Runtime:
         await asyncio.gather(*left, return_exceptions=True)
         await self.sessions.flush_releases()
         await self.store.close()
+        self.limiter.close()
 
     def start_background(self) -> None:
         """The lease-release retries (see SessionService.retry_releases)."""
@@ -189,7 +190,7 @@ async def start_runtime(settings: Settings) -> Runtime:
         states=states,
         sessions=SessionService(states, settings, metrics.state_bytes),
         metrics=metrics,
-        limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
+        limiter=make_limiter(settings),  # shared by the replicas when the store is Redis
         device=device,
     )
     metrics.leases_unreleased.set_function(lambda: len(rt.sessions.pending))
