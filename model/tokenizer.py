@@ -1,4 +1,5 @@
-"""Byte-level BPE tokenizer shipped inside a checkpoint directory, run by tiktoken.
+"""Byte-level BPE tokenizer shipped inside a checkpoint directory, run by tiktoken; `load_tokenizer`
+chooses it or the Hugging Face backend (model/hf_tokenizer.py) by what a model directory holds.
 
 A checkpoint directory holds two files:
 
@@ -21,7 +22,7 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import tiktoken
 
@@ -202,6 +203,16 @@ class Tokenizer:
     @property
     def eos_id(self) -> int | None:
         return None if self._eos_token is None else self._specials[self._eos_token]
+
+    @property
+    def prompt_prefix(self) -> list[int]:
+        """Ids put before a new text: none (byte-level BPE models here are trained without BOS)."""
+        return []
+
+    @property
+    def strips_leading_space(self) -> bool:
+        """Byte-level BPE adds no prefix space, so decoding keeps every byte."""
+        return False
 
     @property
     def bos_id(self) -> int | None:
@@ -455,3 +466,38 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if "name" in meta and not isinstance(meta["name"], str):
         raise TokenizerError(f"{where}: name must be a string, got {meta['name']!r}")
     return meta
+
+
+class TextTokenizer(Protocol):
+    """What the engine and server need from a tokenizer (tiktoken `Tokenizer` or `HFTokenizer`)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def eos_id(self) -> int | None: ...
+    @property
+    def bos_id(self) -> int | None: ...
+    @property
+    def prompt_prefix(self) -> list[int]: ...
+    @property
+    def strips_leading_space(self) -> bool: ...
+    def encode(self, text: str, allow_special: bool = False) -> list[int]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def token_bytes(self, token_id: int) -> bytes: ...
+    def is_special(self, token_id: int) -> bool: ...
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> TextTokenizer:
+    """The tokenizer of a model directory: `tokenizer.tiktoken` (+ meta) if present, else Hugging Face's
+    `tokenizer.json` (fla-hub and other Hub checkpoints)."""
+    d = Path(path)
+    if (d / RANKS_FILE).is_file() or (d / META_FILE).is_file():
+        return Tokenizer.from_dir(d)
+    from model.hf_tokenizer import TOKENIZER_FILE, HFTokenizer
+
+    if (d / TOKENIZER_FILE).is_file():
+        return HFTokenizer(d)
+    raise TokenizerError(
+        f"{d} has no tokenizer: it needs {RANKS_FILE} + {META_FILE} (tiktoken) or {TOKENIZER_FILE} "
+        "(Hugging Face); a sentencepiece tokenizer.model alone is not enough"
+    )
