@@ -11,9 +11,11 @@ from typing import Any
 
 import torch
 
-from model.checkpoint import from_pretrained, load_tokenizer
+from model.chat_template import ChatTemplateError
+from model.checkpoint import CheckpointError, load_stored, load_tokenizer
 from model.retnet import RetNet
-from model.tokenizer import Tokenizer
+from model.tokenizer import TextTokenizer, TokenizerError
+from server.chat import ChatFormat, load_chat_format
 from server.dropping import to_spec
 from server.engine import Engine, EngineConfig, EngineRequest, EngineSamplingParams
 from server.metrics import ServerMetrics
@@ -53,9 +55,12 @@ def pick_device(setting: str) -> torch.device:
     return dev
 
 
-def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+def pick_dtype(setting: str, device: torch.device, stored: torch.dtype | None = None) -> torch.dtype:
+    """`auto`: bf16 on cuda; on cpu the weights' stored dtype when it is bf16 (no upcast copy), else fp32."""
     if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if stored == torch.bfloat16 else torch.float32
     return DTYPES[setting]
 
 
@@ -75,7 +80,8 @@ def make_store(settings: Settings, metrics: StoreMetrics) -> StateStore:
 class Runtime:
     settings: Settings
     model: RetNet
-    tokenizer: Tokenizer
+    tokenizer: TextTokenizer
+    chat: ChatFormat
     fingerprint: str
     engine: Engine
     store: StateStore
@@ -134,7 +140,8 @@ def preflight(settings: Settings) -> torch.device:
 @dataclass
 class LoadedModel:
     model: RetNet  # on its device, in its serving dtype
-    tokenizer: Tokenizer
+    tokenizer: TextTokenizer
+    chat: ChatFormat
     fingerprint: str
     bounds: StateBounds  # of the float32 weights: imported states and logits beyond them are refused
     device: torch.device
@@ -142,12 +149,17 @@ class LoadedModel:
 
 def load_model(settings: Settings) -> LoadedModel:
     device = preflight(settings)
-    dtype = pick_dtype(settings.dtype, device)
-    model = from_pretrained(settings.model_path).eval()  # float32 on CPU: the fingerprint's reference
-    fingerprint = model_fingerprint(model)  # the same on every server of this checkpoint, any dtype
+    path = settings.model_path
+    try:  # the weights as stored (memory-mapped when large): the fingerprint's reference
+        model = load_stored(path)
+        tokenizer = load_tokenizer(path)
+        chat = load_chat_format(path, tokenizer, model.config.eos_token_id)
+    except (CheckpointError, TokenizerError, ChatTemplateError, ValueError, OSError) as e:
+        raise StartupError(f"RETSERVE_MODEL_PATH={path}: {e}") from None
+    fingerprint = model_fingerprint(model)  # the same on every server of these files, any serving dtype
     bounds = state_bounds(model)
-    model = model.to(device=device, dtype=dtype).eval()
-    tokenizer = load_tokenizer(settings.model_path)
+    stored = next(model.parameters()).dtype
+    model = model.to(device=device, dtype=pick_dtype(settings.dtype, device, stored)).eval()
     if tokenizer.vocab_size > model.config.vocab_size:
         raise StartupError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
@@ -157,7 +169,7 @@ def load_model(settings: Settings) -> LoadedModel:
             to_spec(settings.token_dropping, model.config)
         except ValueError as e:
             raise StartupError(f"RETSERVE_TOKEN_DROPPING: {e}") from None
-    return LoadedModel(model, tokenizer, fingerprint, bounds, device)
+    return LoadedModel(model, tokenizer, chat, fingerprint, bounds, device)
 
 
 async def start_runtime(settings: Settings) -> Runtime:
@@ -184,6 +196,7 @@ async def start_runtime(settings: Settings) -> Runtime:
         settings=settings,
         model=model,
         tokenizer=tokenizer,
+        chat=loaded.chat,
         fingerprint=fingerprint,
         engine=engine,
         store=store,
