@@ -75,6 +75,11 @@ class RetNetConfig:
         """Shape of one layer's retention state: (B, H, head_k_dim, head_v_dim)."""
         return (batch_size, self.num_heads, self.head_k_dim, self.head_v_dim)
 
+    def state_nbytes(self, element_size: int = 4) -> int:
+        """Bytes of one session's retention state (all layers) at `element_size` bytes per number (4:
+        float32, as the engine keeps states; 2: a bf16/fp16 store)."""
+        return self.num_hidden_layers * self.num_heads * self.head_k_dim * self.head_v_dim * element_size
+
     # ---- validation ----------------------------------------------------------------------
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from server.chat import CHAT_STOP, render_chat
+from server.chat import LeadingSpace
 from server.deps import RuntimeDep, TenantDep
 from server.dropping import request_dropping
 from server.engine import RequestOutput, TokenLogprob
@@ -42,9 +44,27 @@ from server.runtime import Runtime
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
+class ServedModelCard(ModelCard):
+    context_length: int  # max_position_embeddings: the context it was trained on (retention has no limit)
+    state_bytes_per_session: int  # one session's recurrent state, float32, whatever its length
+    dtype: str  # of the weights as served
+
+
+class ServedModelList(ModelList):
+    data: list[ServedModelCard]
+
+
 @router.get("/models")
-async def list_models(rt: RuntimeDep, tenant: TenantDep) -> ModelList:
-    return ModelList(data=[ModelCard(id=rt.model_name, created=int(rt.started_at))])
+async def list_models(rt: RuntimeDep, tenant: TenantDep) -> ServedModelList:
+    cfg = rt.model.config
+    card = ServedModelCard(
+        id=rt.model_name,
+        created=int(rt.started_at),
+        context_length=cfg.max_position_embeddings,
+        state_bytes_per_session=cfg.state_nbytes(4),
+        dtype=str(rt.model.dtype).removeprefix("torch."),
+    )
+    return ServedModelList(data=[card])
 
 
 def _tok_str(rt: Runtime, tid: int) -> str:
@@ -96,6 +116,8 @@ async def serve_completion(
     /v1/completions and /v1/sessions/{id}/generate serve."""
     check_model(rt, body.model)
     ids = await encode_prompt(rt, body.prompt, allow_empty=session_id is not None)
+    if session_id is None and isinstance(body.prompt, str):
+        ids = rt.tokenizer.prompt_prefix + ids  # BOS for a new text (`add_bos_token`)
     dropping = request_dropping(body, rt.settings.token_dropping, rt.model.config)
     n_lp = body.logprobs
     params = sampling_params(
@@ -158,7 +180,7 @@ def chat_chunks(rt: Runtime, base: dict, out: RequestOutput, first: bool) -> lis
 @router.post("/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(body: ChatCompletionRequest, request: Request, rt: RuntimeDep, tenant: TenantDep):
     check_model(rt, body.model)
-    ids = await encode_prompt(rt, render_chat(body.messages))
+    ids = await encode_prompt(rt, rt.chat.prompt_ids(body.messages, new_sequence=body.session_id is None))
     dropping = request_dropping(body, rt.settings.token_dropping, rt.model.config)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = sampling_params(
@@ -168,8 +190,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
         256,
         logprobs=body.logprobs,
         top_logprobs=body.top_logprobs or 0,
-        extra_stop=tuple(CHAT_STOP),
+        extra_stop=tuple(rt.chat.stop),
     )
+    params.stop_token_ids.extend(t for t in rt.chat.stop_token_ids if t not in params.stop_token_ids)
+    strip = LeadingSpace(rt.chat.strip_leading_space)
     gen = await start_generation(rt, tenant, body.session_id, ids, params, dropping)
     base = response_base(rt, "chatcmpl-", "chat.completion.chunk", body.session_id)
 
@@ -179,7 +203,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
         def chunk(out: RequestOutput) -> list[ChatCompletionChunk]:
             nonlocal sent
             sent += 1
-            return chat_chunks(rt, base, out, first=sent == 1)
+            return chat_chunks(rt, base, replace(out, text=strip(out.text)), first=sent == 1)
 
         def usage_chunk(u: Usage) -> ChatCompletionChunk:
             return ChatCompletionChunk(**base, choices=[], usage=u)
@@ -188,7 +212,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
 
     res, out = await final_result(gen, request)
     lps = chat_logprobs(rt, res.logprobs) if body.logprobs else None
-    message = ChatResponseMessage(content=res.text)
+    message = ChatResponseMessage(content=strip(res.text))
     choice = ChatChoice(message=message, logprobs=lps, finish_reason=openai_finish_reason(out.finish_reason))
     resp_base = {**base, "object": "chat.completion"}
     return ChatCompletionResponse(**resp_base, choices=[choice], usage=usage(out, gen))
