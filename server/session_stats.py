@@ -39,7 +39,9 @@ class SessionStats(BaseModel):
 
 @functools.cache
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(1, thread_name_prefix="retserve-stats", initializer=torch.set_num_threads, initargs=(1,))
+    return ThreadPoolExecutor(
+        1, thread_name_prefix="retserve-stats", initializer=torch.set_num_threads, initargs=(1,)
+    )
 
 
 def state_norms(state: RetentionState) -> list[list[float]]:
