@@ -78,19 +78,6 @@ class ChatFormat:
         return self.tokenizer.encode(text, allow_special=True)
 
 
-class LeadingSpace:
-    """Drops the first character of a reply's text when it is a space (streamed deltas or whole)."""
-
-    def __init__(self, active: bool) -> None:
-        self.pending = active
-
-    def __call__(self, text: str) -> str:
-        if self.pending and text:
-            self.pending = False
-            return text[1:] if text.startswith(" ") else text
-        return text
-
-
 def load_chat_format(model_dir: Path, tokenizer: TextTokenizer, model_eos: int | None) -> ChatFormat:
     """The chat format of a model directory (ChatTemplateError for a broken template)."""
     specials = {

@@ -19,19 +19,44 @@ Which tokens are *reported* (the exact rule; the engine's final state absorbs ex
 Text deltas come from an incremental UTF-8 decoder over the reported bytes: an incomplete trailing
 character is held back until its last byte arrives (and becomes U+FFFD only if the completion ends
 on it), so a delta never splits a character.
+
+Both tokenizer backends work: `token_bytes` is a token's bytes as a continuation (for a Llama-style
+`tokenizer.json`, `▁` is a space and `<0xE2>` the byte 0xE2). With `strip_leading_space` (text read
+from the start of a text, with a tokenizer whose decoder drops the space its `▁` prefix stands for) the
+first character of the text is dropped when it is that space: the concatenated deltas are then always
+`tokenizer.decode(reported ids)`, minus an incomplete character still held back.
 """
 
 from __future__ import annotations
 
 import codecs
 
-from model.tokenizer import Tokenizer
+from model.tokenizer import TextTokenizer
+
+
+class LeadingSpace:
+    """Drops the first character of a text given in pieces when it is a space (`active` only)."""
+
+    def __init__(self, active: bool) -> None:
+        self.pending = active
+
+    def __call__(self, text: str) -> str:
+        if self.pending and text:
+            self.pending = False
+            return text[1:] if text.startswith(" ") else text
+        return text
 
 
 class Detokenizer:
     """Per-request state: pending tokens, the stop strings and the incremental UTF-8 decoder."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str], min_tokens: int = 0) -> None:
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        stop: list[str],
+        min_tokens: int = 0,
+        strip_leading_space: bool = False,
+    ) -> None:
         self.tokenizer = tokenizer
         self.stops = [s.encode("utf-8") for s in stop]
         self.max_stop = max((len(s) for s in self.stops), default=0)
@@ -40,9 +65,10 @@ class Detokenizer:
         self.num_seen = 0  # tokens given to `add`
         self.num_reported = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._strip = LeadingSpace(strip_leading_space and tokenizer.strips_leading_space)
 
     def _emit(self, items: list[tuple[int, bytes]], final: bool = False) -> tuple[list[int], str]:
-        text = self._decoder.decode(b"".join(b for _, b in items), final=final)
+        text = self._strip(self._decoder.decode(b"".join(b for _, b in items), final=final))
         self.num_reported += len(items)
         return [t for t, _ in items], text
 
@@ -87,4 +113,4 @@ class Detokenizer:
     def finish_text(self) -> str:
         """Any held-back incomplete character at the very end (as U+FFFD); drops pending tokens."""
         self.pending = []
-        return self._decoder.decode(b"", final=True)
+        return self._strip(self._decoder.decode(b"", final=True))

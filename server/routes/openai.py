@@ -7,10 +7,10 @@ from dataclasses import replace
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from server.chat import LeadingSpace
 from server.deps import RuntimeDep, TenantDep
 from server.dropping import request_dropping
 from server.engine import RequestOutput, TokenLogprob
+from server.engine.detokenizer import LeadingSpace
 from server.protocol import ChatCompletionRequest, CompletionRequest, SessionGenerate, openai_finish_reason
 from server.responses import (
     ChatChoice,
