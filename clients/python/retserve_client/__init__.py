@@ -21,7 +21,7 @@ from retserve_client.errors import (
     Unavailable,
 )
 from retserve_client.sync_client import Client, Stream
-from retserve_client.types import Chunk, Completion, Model, Session, SessionPage, Usage
+from retserve_client.types import Chunk, Completion, Model, Session, SessionPage, SessionStats, Usage
 
 __version__ = "0.1.0"
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "Session",
     "SessionBusy",
     "SessionPage",
+    "SessionStats",
     "Stream",
     "Unavailable",
     "Usage",

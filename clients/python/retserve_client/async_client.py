@@ -24,7 +24,7 @@ from retserve_client.base import (
 )
 from retserve_client.errors import RetserveError, from_response
 from retserve_client.sse import SSEParser
-from retserve_client.types import Chunk, Completion, Model, Session, SessionPage
+from retserve_client.types import Chunk, Completion, Model, Session, SessionPage, SessionStats
 
 T = TypeVar("T")
 
@@ -285,6 +285,10 @@ class AsyncClient:
     async def get_session(self, session_id: str) -> Session:
         """`GET /v1/sessions/{id}`."""
         return await self._send(Calls.get_session(session_id))
+
+    async def session_stats(self, session_id: str) -> SessionStats:
+        """`GET /v1/sessions/{id}/stats`: tokens read, the state's bytes and its per-(layer, head) norms."""
+        return await self._send(Calls.session_stats(session_id))
 
     async def list_sessions_page(self, limit: int = 20, cursor: str | None = None) -> SessionPage:
         """One page of `GET /v1/sessions` (`limit` 1-100)."""

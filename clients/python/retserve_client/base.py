@@ -18,7 +18,7 @@ import httpx
 
 from retserve_client.errors import APIConnectionError, APITimeoutError, RetserveError, stream_error
 from retserve_client.sse import DONE
-from retserve_client.types import Chunk, Completion, Model, Session, SessionPage
+from retserve_client.types import Chunk, Completion, Model, Session, SessionPage, SessionStats
 
 T = TypeVar("T")
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -62,6 +62,10 @@ def _completion(resp: httpx.Response) -> Completion:
 
 def _models(resp: httpx.Response) -> list[Model]:
     return [Model.from_json(m) for m in resp.json().get("data", [])]
+
+
+def _stats(resp: httpx.Response) -> SessionStats:
+    return SessionStats.from_json(resp.json())
 
 
 def _page(resp: httpx.Response) -> SessionPage:
@@ -153,6 +157,10 @@ class Calls:
     @staticmethod
     def get_session(session_id: str) -> Call[Session]:
         return Call("GET", f"/v1/sessions/{sid(session_id)}", _session, idempotent=True)
+
+    @staticmethod
+    def session_stats(session_id: str) -> Call[SessionStats]:
+        return Call("GET", f"/v1/sessions/{sid(session_id)}/stats", _stats, idempotent=True)
 
     @staticmethod
     def list_page(limit: int, cursor: str | None) -> Call[SessionPage]:

@@ -24,7 +24,7 @@ from retserve_client.base import (
 )
 from retserve_client.errors import RetserveError, from_response
 from retserve_client.sse import SSEParser
-from retserve_client.types import Chunk, Completion, Model, Session, SessionPage
+from retserve_client.types import Chunk, Completion, Model, Session, SessionPage, SessionStats
 
 T = TypeVar("T")
 
@@ -283,6 +283,10 @@ class Client:
     def get_session(self, session_id: str) -> Session:
         """`GET /v1/sessions/{id}`."""
         return self._send(Calls.get_session(session_id))
+
+    def session_stats(self, session_id: str) -> SessionStats:
+        """`GET /v1/sessions/{id}/stats`: tokens read, the state's bytes and its per-(layer, head) norms."""
+        return self._send(Calls.session_stats(session_id))
 
     def list_sessions_page(self, limit: int = 20, cursor: str | None = None) -> SessionPage:
         """One page of `GET /v1/sessions` (`limit` 1-100)."""

@@ -145,6 +145,36 @@ class Session:
 
 
 @dataclass(frozen=True)
+class SessionStats:
+    """`GET /v1/sessions/{id}/stats`: what a session's memory looks like.
+
+    `tokens`: tokens read; `state_bytes`: the recurrent state's size in memory (fixed whatever `tokens`);
+    `state_norms[layer][head]`: the Frobenius norm of each head's state matrix. Other fields the server
+    sends (`stored_bytes`, `state_shape`, `dtype`, `version`, ...) are in `raw`.
+    """
+
+    id: str
+    tokens: int
+    state_bytes: int
+    num_layers: int
+    num_heads: int
+    state_norms: list[list[float]]
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> SessionStats:
+        return cls(
+            id=obj["id"],
+            tokens=int(obj["tokens"]),
+            state_bytes=int(obj["state_bytes"]),
+            num_layers=int(obj["num_layers"]),
+            num_heads=int(obj["num_heads"]),
+            state_norms=[[float(x) for x in layer] for layer in obj.get("state_norms") or []],
+            raw=obj,
+        )
+
+
+@dataclass(frozen=True)
 class SessionPage:
     """One page of `GET /v1/sessions`; pass `next_cursor` back as `cursor` for the next one."""
 

@@ -1,0 +1,3 @@
+from retserve_client.cli import main
+
+main()
