@@ -85,6 +85,7 @@ ROUTE_ERRORS: dict[tuple[str, str], set[int]] = {
     ("DELETE", "/v1/sessions/{session_id}"): {405, 409},  # 405: a reserved id (/v1/sessions/merge)
     ("GET", "/v1/sessions/{session_id}"): {405},
     ("GET", "/v1/sessions/{session_id}/state"): {409},
+    ("GET", "/v1/sessions/{session_id}/stats"): {409},  # a stored state that does not fit the model
     ("PUT", "/v1/sessions/{session_id}/state"): {409},
 }
 
