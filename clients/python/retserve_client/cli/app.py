@@ -31,6 +31,7 @@ app = typer.Typer(
 # click's exception classes, found through typer's public names: newer typer releases vendor their own click
 USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+INTERRUPTED = 130
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout (for scripts).")]
 
 
@@ -87,17 +88,19 @@ def run(argv: list[str] | None = None) -> int:
     try:
         rv = command.main(args=argv, prog_name="retserve", standalone_mode=False)
     except typer.Exit as e:
-        return e.exit_code
+        rv = e.exit_code
     except CLICK_ERROR as e:  # bad arguments or option values: click says which
         e.show()
         return 2 if isinstance(e, USAGE_ERROR) else e.exit_code
-    except (typer.Abort, KeyboardInterrupt):
-        report(UsageProblem("interrupted"))
-        return 130
+    except (typer.Abort, KeyboardInterrupt):  # click without typer's Ctrl-C rule
+        rv = INTERRUPTED
     except UsageProblem as e:
         report(e)
         return 2
     except RetserveError as e:
         report(e)
         return 1
-    return rv if isinstance(rv, int) else 0
+    code = rv if isinstance(rv, int) else 0
+    if code == INTERRUPTED:  # typer turns Ctrl-C into this exit code, silently
+        report(UsageProblem("interrupted"))
+    return code

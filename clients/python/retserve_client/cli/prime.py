@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -162,7 +161,11 @@ def prime(
             out.info(f"resuming at piece {start + 1}/{len(pieces)} ({s.tokens:,} tokens read)")
         done_chars = sum(len(p) for p in pieces[:start])
         with PrimeProgress(out.err, len(text), done_chars, s.tokens) as bar:
-            s = read_pieces(client, pieces, s, rec.at(s, start), path, bar)
+            try:
+                s = read_pieces(client, pieces, s, rec.at(s, start), path, bar)
+            except KeyboardInterrupt:
+                out.info("run the same command again to continue where it stopped")
+                raise
     summary: dict[str, Any] = {
         "session": session,
         "file": str(file),
@@ -177,6 +180,5 @@ def prime(
     if as_json:
         out.document(summary)
     else:
-        out.text(
-            f"primed {session}: {s.tokens:,} tokens ({len(pieces) - start} of {len(pieces)} pieces read now)\n"
-        )
+        read_now = f"{len(pieces) - start} of {len(pieces)} pieces read now"
+        out.text(f"primed {session}: {s.tokens:,} tokens ({read_now})\n")
