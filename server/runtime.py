@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from model.chat_template import ChatTemplateError
-from model.checkpoint import CheckpointError, load_stored, load_tokenizer
+from model.checkpoint import CheckpointError, load_stored, load_tokenizer, stored_dtype
 from model.retnet import RetNet
 from model.tokenizer import TextTokenizer, TokenizerError
 from server.chat import ChatFormat, load_chat_format
@@ -147,6 +147,31 @@ class LoadedModel:
     device: torch.device
 
 
+class _AsFloat32:
+    """A weight whose `detach()` is its float32 copy, made only when the fingerprint reads it."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+    def detach(self) -> torch.Tensor:
+        return self.t.detach().float()
+
+
+class _Float32Weights:
+    def __init__(self, model: RetNet) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, _AsFloat32]:
+        return {k: _AsFloat32(v) for k, v in self.model.state_dict().items()}
+
+
+def float32_fingerprint(model: RetNet) -> str:
+    """`model_fingerprint` of the model with float32 weights (the definition every server and every saved
+    state uses, whatever the stored or serving dtype), upcasting one weight at a time: no float32 copy of
+    the whole model."""
+    return model_fingerprint(_Float32Weights(model), model.config)  # type: ignore[arg-type]
+
+
 def load_model(settings: Settings) -> LoadedModel:
     device = preflight(settings)
     path = settings.model_path
@@ -156,10 +181,9 @@ def load_model(settings: Settings) -> LoadedModel:
         chat = load_chat_format(path, tokenizer, model.config.eos_token_id)
     except (CheckpointError, TokenizerError, ChatTemplateError, ValueError, OSError) as e:
         raise StartupError(f"RETSERVE_MODEL_PATH={path}: {e}") from None
-    fingerprint = model_fingerprint(model)  # the same on every server of these files, any serving dtype
+    fingerprint = float32_fingerprint(model)  # the same on every server of these files, any serving dtype
     bounds = state_bounds(model)
-    stored = next(model.parameters()).dtype
-    model = model.to(device=device, dtype=pick_dtype(settings.dtype, device, stored)).eval()
+    model = model.to(device=device, dtype=pick_dtype(settings.dtype, device, stored_dtype(path))).eval()
     if tokenizer.vocab_size > model.config.vocab_size:
         raise StartupError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
