@@ -139,7 +139,8 @@ function guard(fn) {
     } catch (e) {
       if (e.name === "AbortError") return;
       notify(e.message || String(e), true);
-      console.error(e);
+      if (e instanceof ApiError) console.warn(e.status, e.message); // the server's answer: shown above
+      else console.error(e); // a bug here
     }
   };
 }
@@ -302,6 +303,24 @@ function renderTranscript() {
 function numberField(id) {
   const v = $("#" + id).value.trim();
   return v === "" ? null : Number(v);
+}
+
+const SAMPLING = "retserve.sampling";
+const SAMPLING_FIELDS = ["temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed"];
+
+function keepSampling() {
+  const values = Object.fromEntries(SAMPLING_FIELDS.map((f) => [f, $("#" + f).value]));
+  sessionStorage.setItem(SAMPLING, JSON.stringify(values));
+}
+
+function restoreSampling() {
+  try {
+    const values = JSON.parse(sessionStorage.getItem(SAMPLING) || "{}");
+    for (const f of SAMPLING_FIELDS) if (typeof values[f] === "string") $("#" + f).value = values[f];
+  } catch (_) {
+    /* nothing kept */
+  }
+  for (const f of SAMPLING_FIELDS) $("#" + f).addEventListener("change", keepSampling);
 }
 
 function samplingBody() {
@@ -543,6 +562,7 @@ async function onSessionClick(ev) {
 async function start() {
   const key = sessionStorage.getItem(KEY);
   if (key) $("#api-key").value = key;
+  restoreSampling();
   $("#key-form").addEventListener(
     "submit",
     guard(async (ev) => {

@@ -35,7 +35,7 @@ FLAGS = [
     "--disable-component-update",
     "--disable-sync",
     "--disable-dev-shm-usage",
-    "--window-size=1400,900",
+    "--window-size=1440,1000",
 ]
 # records the text length of the last assistant bubble at every DOM change while it streams
 OBSERVE = """
@@ -96,6 +96,7 @@ def browser(tmp_path: Path) -> Iterator[Any]:
             "safebrowsing.enabled": False,
         },
     )
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.downloads = downloads
     try:
@@ -250,5 +251,9 @@ def test_playground_in_chromium(base_url: str, api: httpx.Client, browser: Any, 
     wait(
         d, lambda d: len(all_css(d, "#heatmap .cell")) == stats["num_layers"] * stats["num_heads"], "heat map"
     )
+    assert css(d, "#temperature").get_attribute("value") == "0.9"  # sampling kept for the tab
+    # no script errors and no Content-Security-Policy violations (only the expected keyless 401s)
+    errors = [e["message"] for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    assert all(" 401 " in m for m in errors), errors
     shot = save_screenshot(d, tmp_path)
     assert shot.stat().st_size > 10_000
