@@ -19,7 +19,7 @@ ALLOWED = {
     "clients": set(),
 }
 # Third-party modules model/ may use: it must stay a torch-only library.
-MODEL_THIRD_PARTY = {"torch", "safetensors", "tiktoken"}
+MODEL_THIRD_PARTY = {"torch", "safetensors", "tiktoken", "tokenizers", "jinja2"}  # HF model dirs
 
 
 def _imports(path: Path) -> set[str]:
