@@ -2,7 +2,7 @@
 
 every method, sync and async; streamed text == non-streamed greedy text; typed errors (400, 401, 404,
 409, 413, 429); retries that wait at least the server's Retry-After; export/import round trip.
-The client is imported from clients/python (not installed): it needs httpx only.
+The client is the copy installed in the venv (`pip install -e ./clients/python`, done by `make install`).
 """
 
 from __future__ import annotations
@@ -10,17 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "clients" / "python"))
-
-from retserve_client import (  # noqa: E402
+from retserve_client import (
     APIConnectionError,
     APITimeoutError,
     AsyncClient,
@@ -35,11 +30,11 @@ from retserve_client import (  # noqa: E402
     SessionBusy,
     Unavailable,
 )
-from retserve_client.errors import from_stream_event, parse_retry_after  # noqa: E402
-from retserve_client.sse import SSEParser  # noqa: E402
+from retserve_client.errors import from_stream_event, parse_retry_after
+from retserve_client.sse import SSEParser
 
-from tests.support.server import run_server  # noqa: E402
-from tests.support.state import free_port  # noqa: E402
+from tests.support.server import run_server
+from tests.support.state import free_port
 
 GREEDY = {"temperature": 0, "max_tokens": 8}
 DOC = "Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about."
@@ -191,6 +186,26 @@ def test_sessions_sync(client: Client, tmp_path: Path) -> None:
     assert client.delete_session("sync-imported-2") is True
     with pytest.raises(NotFound):
         client.get_session("sync-imported-2")
+    with pytest.raises(NotFound):
+        client.session_stats("sync-imported-2")
+
+
+def test_session_stats(client: Client, url: str) -> None:
+    s = client.create_session("stats-doc", prompt=DOC)
+    st = client.session_stats(s.id)
+    assert (st.id, st.tokens) == (s.id, s.tokens) and st.state_bytes > 0
+    assert st.raw["object"] == "session.stats"
+    assert len(st.state_norms) == st.num_layers and {len(h) for h in st.state_norms} == {st.num_heads}
+    assert all(v > 0 for layer in st.state_norms for v in layer)
+    empty = client.session_stats(client.create_session("stats-empty").id)
+    assert empty.tokens == 0 and empty.state_bytes == st.state_bytes  # a fixed size, whatever was read
+    assert all(v == 0 for layer in empty.state_norms for v in layer)
+
+    async def run() -> None:
+        async with AsyncClient(url) as ac:
+            assert (await ac.session_stats(s.id)).state_norms == st.state_norms
+
+    arun(run())
 
 
 def test_sessions_async(client: Client, url: str, tmp_path: Path) -> None:

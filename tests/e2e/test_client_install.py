@@ -1,6 +1,6 @@
-"""retserve-client installs on its own: `pip install ./clients/python` into a fresh, plain venv (httpx from
-the package index), then `import retserve_client` works, pulls in no torch or server code, and talks to a
-real server. Slow (a venv and a download): `-m slow`."""
+"""retserve-client installs on its own: `pip install ./clients/python` into a fresh, plain venv (httpx, typer
+and rich from the package index), then `import retserve_client` works, pulls in no torch or server code,
+and talks to a real server; so does its `retserve` command. Slow (a venv and a download): `-m slow`."""
 
 from __future__ import annotations
 
@@ -53,11 +53,22 @@ def test_pip_install_into_a_fresh_venv(tmp_path: Path) -> None:
     if pip.returncode != 0 and any(s in pip.stdout + pip.stderr for s in OFFLINE):
         pytest.skip(f"the package index is unreachable from here: {pip.stderr[-300:]}")
     assert pip.returncode == 0, pip.stdout + pip.stderr
+    cli = venv / "bin" / "retserve"
+    helped = subprocess.run([str(cli), "--help"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert helped.returncode == 0 and "chat" in helped.stdout and "prime" in helped.stdout, helped.stderr
     with run_server() as url:
         out = subprocess.run(
             [str(py), "-c", CHECK, url], capture_output=True, text=True, timeout=120, cwd=tmp_path
         )
+        health = subprocess.run(
+            [str(cli), "--url", url, "health", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
     assert out.returncode == 0, out.stderr
+    assert health.returncode == 0 and json.loads(health.stdout)["status"] == "ok", health.stderr
     got = json.loads(out.stdout)
     assert got["file"].startswith(str(venv)), got  # the installed copy, not the source tree
     assert got["torch_installed"] is False and got["project_modules"] == []
