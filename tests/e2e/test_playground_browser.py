@@ -19,12 +19,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.server import run_server
+from model.tokenizer import Tokenizer
+from tests.support.server import ROOT, run_server
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 KEY = "playground-browser-key-0123456789"
 WAIT_S = 60.0
+FIRST, SECOND = "Tell me a story about a king and a river.", "What happened next?"
 FLAGS = [
     "--headless=new",
     "--no-sandbox",
@@ -155,6 +157,13 @@ def send_and_watch(driver: Any, text: str) -> Any:
     return all_css(driver, "#messages .msg.assistant")[-1].find_element("css selector", ".text")
 
 
+def prompt_tokens(driver: Any) -> int:
+    """The prompt tokens the last turn sent (the page shows "read X + wrote Y tokens (reason)")."""
+    info = css(driver, "#turn-info").text
+    assert info.startswith("read "), info
+    return int(info.split()[1])
+
+
 def save_screenshot(driver: Any, tmp_path: Path) -> Path:
     shot = tmp_path / "playground.png"
     assert driver.save_screenshot(str(shot)), "the screenshot was not written"
@@ -177,7 +186,7 @@ def test_playground_in_chromium(base_url: str, api: httpx.Client, browser: Any, 
         set_field(d, field, value)
 
     # a message auto-creates a session; the reply streams in (the bubble grows chunk by chunk)
-    reply = send_and_watch(d, "Tell me a story about a king and a river.")
+    reply = send_and_watch(d, FIRST)
     sid = current(d)
     assert sid.startswith("sess_"), sid
     lengths = d.execute_script("return window.__lengths")
@@ -197,7 +206,13 @@ def test_playground_in_chromium(base_url: str, api: httpx.Client, browser: Any, 
     }
 
     # a second turn: more tokens read, the same state size
-    send_and_watch(d, "What happened next?")
+    tok = Tokenizer.from_dir(ROOT / "checkpoints" / "retserve-small")
+    assert prompt_tokens(d) == len(tok.encode(f"User: {FIRST}\n\nAssistant:"))  # server/chat.py's template
+    text = reply.get_attribute("textContent")
+    send_and_watch(d, SECOND)
+    # only the new turn is sent, after the "\n\n" that ends the model's turn in the template
+    sep = "" if text.endswith("\n\n") else "\n" if text.endswith("\n") else "\n\n"
+    assert prompt_tokens(d) == len(tok.encode(f"{sep}User: {SECOND}\n\nAssistant:"))
     stats2 = api.get(f"/v1/sessions/{sid}/stats").json()
     assert stats2["tokens"] > stats["tokens"] and stats2["state_bytes"] == stats["state_bytes"]
     wait(d, lambda d: css(d, "#mem-tokens").text == str(stats2["tokens"]), "the memory view")
