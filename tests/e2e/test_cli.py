@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from retserve_client import Client
 
 from tests.support.cli import json_lines, json_out, retserve
 from tests.support.server import run_server
@@ -62,6 +63,18 @@ def test_chat_continues_after_save_and_export_identically(url: str, tmp_path: Pa
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "".join(r.lstrip() + "\n" for r in expected[3:])
     assert "imported" in proc.stderr
+
+
+def test_chat_with_the_servers_template(url: str) -> None:
+    """--template server: /v1/chat/completions on the session applies the model's chat format (here the
+    plain one); the first reply is a stateless chat's, and the session holds every token of both turns."""
+    events = chat(url, TURNS[:2], "--template", "server", *SYSTEM)
+    turns = [e for e in events if e["event"] == "turn"]
+    messages = [{"role": "system", "content": SYSTEM[1]}, {"role": "user", "content": TURNS[0]}]
+    with Client(url) as client:
+        assert turns[0]["text"] == client.chat(messages, temperature=0, max_tokens=12).text
+        tokens = client.get_session(events[0]["session"]).tokens
+    assert tokens == sum(t["usage"]["prompt_tokens"] + t["usage"]["completion_tokens"] for t in turns)
 
 
 def test_chat_commands(url: str, tmp_path: Path) -> None:

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 
@@ -29,10 +30,11 @@ from retserve_client.cli.app import JsonOpt, app, connection
 from retserve_client.cli.commands import MaxTokens, Seed, Temperature, sampling
 from retserve_client.cli.output import Output, UsageProblem, error_json, size
 from retserve_client.cli.sessions import read_blob, stats_lines, write_blob
-from retserve_client.errors import NotFound, RetserveError
-from retserve_client.sync_client import Client
+from retserve_client.errors import NotFound, RetserveError, SessionBusy
+from retserve_client.sync_client import Client, Stream
 from retserve_client.types import Session
 
+T = TypeVar("T")
 CHAT_STOP = ["\nUser:", "\nSystem:"]  # what the server's chat template adds to the stop strings
 SEPARATOR = "\n\n"  # ends every turn of the template; a reply is saved without it
 COMMANDS = {
@@ -58,11 +60,17 @@ def system_turn(text: str, after_reply: bool) -> str:
 class Chat:
     """One conversation: the current session, what its state ends with, and the slash commands."""
 
-    def __init__(self, client: Client, out: Output, system: str | None, params: dict[str, Any]) -> None:
+    def __init__(
+        self, client: Client, out: Output, system: str | None, params: dict[str, Any], template: str
+    ) -> None:
         self.client = client
         self.out = out
         self.system = system
-        self.params = {**params, "stop": CHAT_STOP, "stream_options": {"include_usage": True}}
+        self.template = template
+        self.system_pending = False  # --template server: the system text goes with the next user line
+        self.params = {**params, "stream_options": {"include_usage": True}}
+        if template == "plain":
+            self.params["stop"] = CHAT_STOP
         self.session = ""
         self.after_reply = False  # the state ends on a reply (or unknown text): the next turn needs "\n\n"
         self.status = 0  # the exit code: 1 after a server error, 2 after a bad command
@@ -87,6 +95,8 @@ class Chat:
     def switch(self, s: Session) -> None:
         self.session = s.id
         self.after_reply = s.tokens > 0
+        if self.template == "server":
+            self.params["session_id"] = s.id
 
     def open(self, session_id: str | None) -> None:
         """Continue `session_id` (created empty if it does not exist) or a new session; read --system."""
@@ -104,16 +114,30 @@ class Chat:
         self.read_system()
 
     def read_system(self) -> None:
-        if self.system:
+        if self.system and self.template == "server":
+            self.system_pending = True  # the model's template places it, with the first user line
+        elif self.system:
             s = self.client.prime(self.session, system_turn(self.system, self.after_reply))
             self.after_reply = False
             self.emit("system", f"read the system text ({s.tokens:,} tokens in the session)", tokens=s.tokens)
 
+    def start(self, text: str) -> Stream:
+        """Send one user line; the open stream of the reply (waiting while the session is busy)."""
+        if self.template == "server":
+            system = (
+                [{"role": "system", "content": self.system}] if self.system and self.system_pending else []
+            )
+            messages = [*system, {"role": "user", "content": text.strip()}]
+            stream = when_free(lambda: self.client.chat(messages, stream=True, **self.params))
+            self.system_pending = False
+            return stream
+        prompt = user_turn(text, self.after_reply)
+        return when_free(lambda: self.client.generate(self.session, prompt, stream=True, **self.params))
+
     def turn(self, text: str) -> None:
         """One user line: stream the reply (stdout) as it arrives."""
-        prompt = user_turn(text, self.after_reply)
         reply, finish, usage, shown = "", None, None, False
-        stream = self.client.generate(self.session, prompt, stream=True, **self.params)
+        stream = self.start(text)
         self.after_reply = True  # the prompt and the streamed tokens are in the state, even if cut short
         try:
             for chunk in stream:
@@ -208,6 +232,19 @@ class Chat:
         return True
 
 
+def when_free(call: Callable[[], T], wait_s: float = 10.0) -> T:
+    """`call()`, again while the session is busy (409 session_busy: e.g. the server is still saving
+    an interrupted reply); a busy session never started the request, so sending it again is safe."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return call()
+        except SessionBusy as e:
+            if e.code != "session_busy" or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def need(arg: str, usage: str) -> str:
     if not arg:
         raise UsageProblem(f"usage: {usage}")
@@ -243,12 +280,20 @@ def chat(
     max_tokens: MaxTokens = 256,
     temperature: Temperature = 0.7,
     seed: Seed = None,
+    template: Annotated[
+        Literal["plain", "server"],
+        typer.Option(
+            "--template",
+            help="plain: the plain User:/Assistant: format, written here; server: the model's own chat"
+            " template, applied by the server (for models that have one).",
+        ),
+    ] = "plain",
     as_json: JsonOpt = False,
 ) -> None:
     """Chat with the model; the conversation lives in a server session (one turn per input line)."""
     out = Output(as_json)
     with connection(ctx).client() as client:
-        talk = Chat(client, out, system, sampling(max_tokens, temperature, seed))
+        talk = Chat(client, out, system, sampling(max_tokens, temperature, seed), template)
         talk.open(session)
         if sys.stdin.isatty():
             out.info("type a message, /help for commands, /quit to leave")
