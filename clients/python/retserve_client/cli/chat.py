@@ -109,8 +109,8 @@ class Chat:
             except NotFound:
                 s, created = self.client.create_session(session_id), True
         self.switch(s)
-        verb = "new session" if created else f"continuing session ({s.tokens:,} tokens)"
-        self.emit("session", f"{verb} {s.id}", tokens=s.tokens, created=created)
+        said = f"new session {s.id}" if created else f"continuing session {s.id} ({s.tokens:,} tokens)"
+        self.emit("session", said, tokens=s.tokens, created=created)
         self.read_system()
 
     def read_system(self) -> None:
