@@ -79,7 +79,7 @@ def api(base_url: str) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Any]:
+def browser(base_url: str, tmp_path: Path) -> Iterator[Any]:  # base_url: skipped or failed first
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
