@@ -1,0 +1,142 @@
+"""The fast decode step (model.fast.FastDecoder, server.engine.decode.DecodeStep) equals the reference
+forms: fp64 within 1e-10, fp32 within 1e-5 (relative); ragged rows, resumed states, keep masks, GQA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.fast import FastDecoder
+from model.ops import naive_retention
+from model.retnet import RetNet
+from model.state import RetentionState, StateMismatchError
+from server.engine.decode import DecodeStep
+from tests.support.models import random_model
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
+
+
+def _ids(B: int, T: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 512, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _ragged_state(model: RetNet, keep: bool = False) -> RetentionState:
+    """Four rows at different positions (left-padded prompts of 9, 4, 1 and 0 tokens), some tokens dropped."""
+    lengths = [9, 4, 1, 0]
+    mask = torch.tensor([[0] * (9 - n) + [1] * n for n in lengths])
+    keep_mask = _ids(4, 9, seed=5) % 3 != 0 if keep else None
+    with torch.inference_mode():
+        _, state = model(_ids(4, 9, seed=1), attention_mask=mask, keep=keep_mask)
+    return state
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kv_heads", [None, 1])  # MHA and GQA
+@pytest.mark.parametrize("keep", [False, True])
+@torch.inference_mode()
+def test_fast_steps_equal_the_three_forms(dtype: torch.dtype, kv_heads: int | None, keep: bool) -> None:
+    """Six fast steps from ragged resumed states == the model reading those tokens in each form."""
+    model = random_model(dtype, num_kv_heads=kv_heads)
+    dec = FastDecoder(model)
+    start = _ragged_state(model, keep)
+    steps = _ids(4, 6, seed=2)
+    state = start.clone()
+    logits = torch.stack([dec.step(steps[:, t], state.layers, state.position) for t in range(6)], 1)
+    for mode, cs in [("recurrent", 64), ("parallel", 64), ("chunk", 4), ("chunk", 64)]:
+        ref_logits, ref = model(steps, start.clone(), mode=mode, chunk_size=cs)
+        assert _rel(logits, ref_logits) < TOL[dtype], mode
+        assert torch.equal(state.position, ref.position)
+        for a, b in zip(state.layers, ref.layers, strict=True):
+            assert _rel(a, b) < TOL[dtype], mode
+
+
+@torch.inference_mode()
+def test_fast_step_retention_equals_the_naive_reference() -> None:
+    """A one-layer model's state after fast steps equals naive_retention over its rotated q, k, v."""
+    model = random_model(torch.float64, num_hidden_layers=1)
+    attn, norm = model.model.layers[0].attn, model.model.layers[0].attn_norm
+    ids = _ids(2, 5, seed=3)
+    state = model.empty_state(2)
+    state.position += torch.tensor([0, 1000])  # rows far apart
+    start = state.position.clone()
+    dec = FastDecoder(model)
+    for t in range(5):
+        dec.step(ids[:, t], state.layers, state.position)
+    x = norm(model.model.embeddings(ids))
+    B, T = ids.shape
+    rope = model.rotary(start[:, None] + torch.arange(T), x.dtype)
+    q = rope.rotate(attn.q_proj(x).view(B, T, 2, -1)).transpose(1, 2)
+    k, v = attn.project_kv(x)
+    _, final = naive_retention(q, rope.rotate(k).transpose(1, 2), v.transpose(1, 2))
+    assert _rel(state.layers[0], final) < 1e-10
+
+
+@torch.inference_mode()
+def test_batched_decode_equals_rows_alone() -> None:
+    """Eager DecodeStep: every row of a batch gets what it gets alone, to float rounding (the matmuls of
+    one row and of four are different BLAS kernels, as in the reference forward)."""
+    model = random_model(torch.float32)
+    step = DecodeStep(model)
+    batch = _ragged_state(model, keep=True)
+    alone = batch.split()
+    toks = _ids(4, 5, seed=4)
+    for t in range(5):
+        logits, batch = step(toks[:, t : t + 1], batch)
+        for i, row in enumerate(alone):
+            row_logits, alone[i] = step(toks[i : i + 1, t : t + 1], row)
+            assert _rel(row_logits[0], logits[i]) < 1e-6
+    for i, row in enumerate(alone):
+        assert torch.equal(batch.position[i : i + 1], row.position)
+        for a, b in zip(batch.select([i]).layers, row.layers, strict=True):
+            assert _rel(a, b) < 1e-6
+
+
+def test_decode_step_validates_a_new_batch() -> None:
+    model = random_model(torch.float32)
+    step = DecodeStep(model)
+    with pytest.raises(ValueError, match="tokens must be"):
+        step(torch.zeros(3, 1, dtype=torch.long), model.empty_state(2))
+    with pytest.raises(ValueError, match="state must be"):
+        step(torch.zeros(2, 1, dtype=torch.long), model.empty_state(2).to(dtype=torch.float64))
+    other = random_model(torch.float32, hidden_size=64)
+    with pytest.raises(StateMismatchError):
+        step(torch.zeros(2, 1, dtype=torch.long), other.empty_state(2))
+
+
+@torch.inference_mode()
+def test_bfloat16_fast_step_matches_the_reference() -> None:
+    """A bf16 model (what the engine runs on CUDA): the same dtypes as the forward, fp32 state."""
+    model = random_model(torch.bfloat16)
+    start = _ragged_state(model)
+    state = start.clone()
+    toks = _ids(4, 1, seed=6)
+    logits = FastDecoder(model).step(toks[:, 0], state.layers, state.position)
+    ref_logits, ref = model(toks, start.clone(), mode="recurrent")
+    assert logits.dtype == torch.bfloat16 and state.layers[0].dtype == torch.float32
+    assert _rel(logits, ref_logits[:, 0]) < 2e-2
+    for a, b in zip(state.layers, ref.layers, strict=True):
+        assert _rel(a, b) < 1e-2
+
+
+@pytest.mark.slow  # compiles one bucket (~10-20 s here)
+@torch.inference_mode()
+def test_compiled_bucket_with_padding_matches_eager() -> None:
+    model = random_model(torch.float32)
+    compiled = DecodeStep(model, compile=True, buckets=(4,), select_by_timing=False)
+    compiled.warmup()
+    eager = DecodeStep(model)
+    start = _ragged_state(model)
+    for rows in ([0, 1, 2], [0, 1, 2, 3]):  # padded to the bucket, and a full bucket
+        a, b = start.select(rows), start.select(rows)
+        toks = _ids(len(rows), 4, seed=7)
+        for t in range(4):
+            la, a = compiled(toks[:, t : t + 1], a)
+            lb, b = eager(toks[:, t : t + 1], b)
+            assert _rel(la, lb) < 1e-5
+        assert torch.equal(a.position, b.position)
+        for x, y in zip(a.layers, b.layers, strict=True):
+            assert _rel(x, y) < 1e-5
