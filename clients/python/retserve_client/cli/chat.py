@@ -11,8 +11,10 @@ holds the whole conversation and the next turn continues it; `/save`, `/export` 
 `retserve chat --session` (or `/import`) continue it exactly.
 
 Reads one turn per line from standard input (a terminal or a pipe); lines starting with "/" are
-commands (`/help`). Replies stream to stdout; messages go to stderr. With --json each turn and command
-prints one JSON line (`{"event": "turn", "text": ...}`).
+commands (`/help`; "//" sends a line that starts with "/"). Replies stream to stdout; messages go to
+stderr. With --json each turn and command prints one JSON line (`{"event": "turn", "text": ...}`).
+`--template server` sends the turns to /v1/chat/completions with the session instead, so the server
+applies the model's own chat template (a Hugging Face model directory's).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ COMMANDS = {
     "/reset": "forget everything (the session starts empty; the --system text is read again)",
     "/stats": "tokens read, state bytes, the state's norms",
     "/quit": "leave (end of input does too)",
+    "//text": "send a line that starts with '/'",
 }
 
 
@@ -220,10 +223,10 @@ class Chat:
     def step(self, line: str) -> bool:
         """One input line (a turn or a command); a failure is reported and the chat goes on."""
         try:
-            if line.startswith("/"):
+            if line.startswith("/") and not line.startswith("//"):
                 return self.command(line)
             if line.strip():
-                self.turn(line)
+                self.turn(line[1:] if line.startswith("//") else line)
         except (RetserveError, UsageProblem) as e:
             self.status = max(self.status, 1 if isinstance(e, RetserveError) else 2)
             self.out.error(str(e))

@@ -83,15 +83,17 @@ def size(n: int) -> str:
 
 
 def sessions_table(sessions: list[Session]) -> Table:
+    """id, tokens, size, version, expiry; and where each came from when any says."""
+    origins = [
+        ", ".join(f"{k}={v}" for k, v in s.provenance.items() if k.endswith("_from") and v) for s in sessions
+    ]
     table = Table(box=None, header_style="bold")
-    for col in ("id", "tokens", "size", "version", "expires in", "from"):
+    for col in ("id", "tokens", "size", "version", "expires in", *(["from"] if any(origins) else [])):
         table.add_column(col, justify="right" if col in ("tokens", "size", "version") else "left")
-    for s in sessions:
+    for s, origin in zip(sessions, origins, strict=True):
         expires = "never" if s.expires_in is None else f"{s.expires_in:.0f} s"
-        origin = ", ".join(f"{k}={v}" for k, v in s.provenance.items() if k.endswith("_from") and v)
-        table.add_row(
-            escape(s.id), f"{s.tokens:,}", size(s.size_bytes), str(s.version), expires, escape(origin)
-        )
+        row = [escape(s.id), f"{s.tokens:,}", size(s.size_bytes), str(s.version), expires]
+        table.add_row(*row, *([escape(origin)] if any(origins) else []))
     return table
 
 
