@@ -48,7 +48,10 @@ router = APIRouter(include_in_schema=False)
 
 @functools.cache
 def static_files() -> dict[str, Path]:
-    """The files the playground may serve, by name (only these: no path ever reaches the disk)."""
+    """The files the playground may serve, by name (only these: no path ever reaches the disk); none
+    if the package was installed without its static files."""
+    if not STATIC_DIR.is_dir():
+        return {}
     return {p.name: p for p in STATIC_DIR.iterdir() if p.is_file() and p.suffix in MEDIA_TYPES}
 
 
@@ -59,7 +62,7 @@ def _content(name: str) -> bytes:
 
 def serve(name: str) -> Response:
     if name not in static_files():
-        raise APIError(404, f"no playground file {name!r}", code="not_found")
+        raise APIError(404, f"no playground file {name!r} (in {STATIC_DIR})", code="not_found")
     return Response(_content(name), media_type=MEDIA_TYPES[Path(name).suffix], headers=HEADERS)
 
 
