@@ -62,7 +62,7 @@ def _content(name: str) -> bytes:
 
 def serve(name: str) -> Response:
     if name not in static_files():
-        raise APIError(404, f"no playground file {name!r} (in {STATIC_DIR})", code="not_found")
+        raise APIError(404, f"no playground file {name!r}", code="not_found")
     return Response(_content(name), media_type=MEDIA_TYPES[Path(name).suffix], headers=HEADERS)
 
 
