@@ -78,12 +78,22 @@ def test_chat_with_the_servers_template(url: str) -> None:
 
 
 def test_chat_commands(url: str, tmp_path: Path) -> None:
-    lines = ["Hi there.", "/stats", "/fork", "/load nobody-has-this", "/reset", "/stats", "/nope", "/save"]
+    lines = [
+        "Hi there.",
+        "/stats",
+        "/fork",
+        "/load nobody-has-this",
+        "/reset",
+        "/stats",
+        "/nope",
+        "/save",
+        "//x",
+    ]
     proc = retserve(url, "chat", "--json", *GREEDY, "--session", "cmds", stdin="\n".join(lines))
     assert proc.returncode == 2, proc.stderr  # the worst failure: a usage error (after a 404)
     events = json_lines(proc)
     kinds = [e["event"] for e in events]
-    assert kinds == ["session", "turn", "stats", "fork", "error", "reset", "stats", "error", "error"]
+    assert kinds == ["session", "turn", "stats", "fork", "error", "reset", "stats", "error", "error", "turn"]
     stats = events[2]
     assert stats["tokens"] > 0 and stats["stats"]["num_layers"] == len(stats["stats"]["state_norms"])
     fork = events[3]
@@ -91,6 +101,7 @@ def test_chat_commands(url: str, tmp_path: Path) -> None:
     assert events[4]["error"]["status"] == 404
     assert events[6]["session"] == fork["session"] and events[6]["tokens"] == 0  # /reset emptied the fork
     assert events[7]["error"]["type"] == "usage_error" and "/help" in events[7]["error"]["message"]
+    assert events[9]["usage"]["prompt_tokens"] > 0  # "//x" is a turn, not a command
     # the original session kept its turn; a server error alone exits 1, a bad command 2
     assert json_out(retserve(url, "sessions", "show", "cmds", "--json"))["tokens"] == stats["tokens"]
     proc = retserve(url, "chat", "--session", "cmds", stdin="/load nobody-has-this\n")

@@ -96,7 +96,10 @@ def test_prime_200kb_file(url: str, tokenizer: Tokenizer, tmp_path: Path, state_
     again = json_out(retserve(url, "prime", str(doc), "--session", "doc", "--json", env=state_home))
     assert again["pieces_read"] == 0 and again["tokens"] == got["tokens"]
     # on a terminal the progress is a live bar
-    tty = retserve(url, "prime", str(doc), "--session", "doc-tty", env={**state_home, "TTY_COMPATIBLE": "1"})
+    small = tmp_path / "small.txt"
+    small.write_text(text[:20_000])
+    tty_env = {**state_home, "TTY_COMPATIBLE": "1"}
+    tty = retserve(url, "prime", str(small), "--session", "doc-tty", "--chunk-chars", "4000", env=tty_env)
     assert tty.returncode == 0 and "100%" in tty.stderr and "tok/s" in tty.stderr and "\x1b[" in tty.stderr
 
 
