@@ -5,7 +5,10 @@ Prints, for the shipped model on this machine, ms per batched recurrent step at 
   2. on a second thread (like the engine's) with --threads, after the main thread ran a
      multi-threaded op: the "second OpenMP team" slowdown;
   3. the same, in a fresh process whose main thread stayed at 1 thread (what the server does);
-  4. eager vs `torch.compile`d (DecodeStep) on such a thread;
+  4. the reference forward (`RetNet.forward`, mode "recurrent") vs the engine's DecodeStep (the fast
+     path of model/fast.py) eager vs `torch.compile`d on such a thread (the compiled DecodeStep
+     selects, per bucket, compiled or eager by timing at warm-up: its choice is printed; the
+     "compiled" line forces compilation);
 and the time to first token of a 3-token prompt on an idle engine.
 
 Usage: python bench/bench_decode.py [--threads 2] [--skip-compile]
@@ -46,6 +49,11 @@ def step_ms(step, model, batch: int, n: int = 200) -> float:
         return (time.perf_counter() - t0) / n * 1e3
 
 
+def reference(model):
+    """The landed decode step: the model's own forward, one token, recurrent mode."""
+    return lambda ids, state: model(ids, state, mode="recurrent")
+
+
 def in_thread(fn):
     out = []
     th = threading.Thread(target=lambda: out.append(fn()))
@@ -71,10 +79,16 @@ def part(name: str, threads: int, compile: bool) -> None:
     def run() -> dict[str, dict[int, float]]:
         torch.set_num_threads(threads)
         r = {"eager": {b: step_ms(eager, model, b) for b in BATCHES}}
+        if name == "own-team":
+            r["reference"] = {b: step_ms(reference(model), model, b) for b in BATCHES}
         if name == "own-team" and compile:
-            compiled = DecodeStep(model, True, BATCHES)
+            compiled = DecodeStep(model, True, BATCHES, select_by_timing=False)
             compiled.warmup()
             r["compiled"] = {b: step_ms(compiled, model, b) for b in BATCHES}
+            selected = DecodeStep(model, True, BATCHES)
+            selected.warmup()
+            print(f"  per-bucket choice at warm-up: {selected.choice}")
+            r["selected"] = {b: step_ms(selected, model, b) for b in BATCHES}
         return r
 
     res = in_thread(run)

@@ -5,7 +5,10 @@ Prints, for the preset (default `small`, random weights: speed does not depend o
   - decode ms/token at position 128 and at position 16k (a real 16k-token chunkwise prefill first)
   - chunkwise prefill of 4096 tokens vs the same tokens fed one at a time
 
-Usage: python bench/bench_model.py [--preset small] [--threads N] [--json out.json]
+Decode runs through `--path fast` (default: the engine's DecodeStep, model/fast.py, eager) or
+`--path reference` (RetNet.forward in recurrent mode, the landed step before the fast path).
+
+Usage: python bench/bench_model.py [--preset small] [--threads N] [--path fast|reference] [--json out.json]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,26 +30,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.config import preset
 from model.retnet import RetNet
 from model.state import RetentionState
+from server.engine.decode import DecodeStep
+
+Step = Callable[[torch.Tensor, RetentionState], tuple[torch.Tensor, RetentionState]]
 
 
-def _decode_run_ms(model: RetNet, state: RetentionState, steps: int) -> float:
+def reference_step(model: RetNet) -> Step:
+    def step(tok: torch.Tensor, state: RetentionState) -> tuple[torch.Tensor, RetentionState]:
+        logits, state = model(tok, state=state)
+        return logits[:, -1], state
+
+    return step
+
+
+def _decode_run_ms(step: Step, state: RetentionState, steps: int, vocab: int) -> float:
     """Mean wall time of one batched recurrent step over `steps` greedy steps, in ms."""
-    tok = torch.randint(0, model.config.vocab_size, (state.batch_size, 1))
+    tok = torch.randint(0, vocab, (state.batch_size, 1))
+    state = state.clone()  # the fast step advances its state in place
     t0 = time.perf_counter()
     for _ in range(steps):
-        logits, state = model(tok, state=state)
-        tok = logits[:, -1].argmax(-1, keepdim=True)
+        logits, state = step(tok, state)
+        tok = logits.argmax(-1, keepdim=True)
     return (time.perf_counter() - t0) * 1000 / steps
 
 
-def _decode_ms(model: RetNet, states: list[RetentionState], steps: int, repeats: int) -> list[float]:
+def _decode_ms(step: Step, states: list[RetentionState], steps: int, repeats: int, vocab: int) -> list[float]:
     """Median ms/step for each state; runs are interleaved so that machine noise hits all alike."""
     for s in states:  # warm-up
-        _decode_run_ms(model, s, 5)
+        _decode_run_ms(step, s, 5, vocab)
     runs: list[list[float]] = [[] for _ in states]
     for _ in range(repeats):
         for i, s in enumerate(states):
-            runs[i].append(_decode_run_ms(model, s, steps))
+            runs[i].append(_decode_run_ms(step, s, steps, vocab))
     return [statistics.median(r) for r in runs]
 
 
@@ -57,28 +73,34 @@ def main() -> None:
     ap.add_argument("--long", type=int, default=16384, help="the long position for the position test")
     ap.add_argument("--prefill", type=int, default=4096)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    ap.add_argument("--path", choices=["fast", "reference"], default="fast", help="the decode step")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = RetNet(preset(args.preset)).eval()
     V = model.config.vocab_size
+    step = DecodeStep(model) if args.path == "fast" else reference_step(model)
     out: dict[str, object] = {
         "preset": args.preset,
+        "path": args.path,
         "params": model.num_parameters(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
     }
-    print(f"preset={args.preset} params={out['params']:,} torch={torch.__version__} threads={out['threads']}")
+    print(
+        f"preset={args.preset} params={out['params']:,} torch={torch.__version__} threads={out['threads']}"
+        f" decode path={args.path}"
+    )
 
     with torch.inference_mode():
         # 1. decode throughput by batch size (rows at position 128)
         tps = {}
         for B in (1, 8, 32):
             _, st = model(torch.randint(0, V, (B, 128)))
-            (ms,) = _decode_ms(model, [st], args.steps, repeats=5)
+            (ms,) = _decode_ms(step, [st], args.steps, 5, V)
             tps[B] = B * 1000 / ms
             out[f"decode_ms_per_step_B{B}"] = round(ms, 3)
             out[f"decode_tokens_per_s_B{B}"] = round(tps[B], 1)
@@ -93,7 +115,7 @@ def main() -> None:
         _, long = model(torch.randint(0, V, (1, args.long)), logits_to_keep=1)
         long_prefill_s = time.perf_counter() - t0
         assert int(long.position[0]) == args.long
-        ms_short, ms_long = _decode_ms(model, [short, long], args.steps, repeats=15)
+        ms_short, ms_long = _decode_ms(step, [short, long], args.steps, 15, V)
         out["decode_ms_at_pos_128"] = round(ms_short, 3)
         out[f"decode_ms_at_pos_{args.long}"] = round(ms_long, 3)
         out["pos_long_over_short"] = round(ms_long / ms_short, 3)
