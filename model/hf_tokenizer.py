@@ -20,6 +20,7 @@ same interface as :class:`model.tokenizer.Tokenizer`:
 from __future__ import annotations
 
 import json
+import operator
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -236,11 +237,13 @@ class HFTokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of one token as a continuation of earlier text (`▁` is a space)."""
-        if isinstance(token_id, bool) or not isinstance(token_id, int):
-            raise TokenizerError(f"token id {token_id!r} is not an integer")
-        if not 0 <= token_id < self._vocab_size:
-            raise TokenizerError(f"token id {token_id} is outside [0, {self._vocab_size})")
-        return self._table[token_id]
+        try:
+            tid = operator.index(token_id)
+        except TypeError:
+            raise TokenizerError(f"token id {token_id!r} is not an integer") from None
+        if not 0 <= tid < self._vocab_size:
+            raise TokenizerError(f"token id {tid} is outside [0, {self._vocab_size})")
+        return self._table[tid]
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids

@@ -146,3 +146,14 @@ def test_load_tokenizer_picks_the_backend(model_dir: Path, tmp_path: Path) -> No
     (tmp_path / "tokenizer.model").write_bytes(b"\x00")
     with pytest.raises(TokenizerError, match=r"no tokenizer.*tokenizer\.json"):
         load_tokenizer(tmp_path)
+
+
+def test_bad_ids_are_tokenizer_errors(tok: HFTokenizer) -> None:
+    import numpy as np
+
+    assert tok.token_bytes(np.int64(3)) == b"\x00"
+    for bad in (-1, 640, 10**12, "3", 1.0):
+        with pytest.raises(TokenizerError):
+            tok.token_bytes(bad)  # type: ignore[arg-type]
+    with pytest.raises(TokenizerError):
+        tok.decode([5, 640])
