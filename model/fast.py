@@ -59,13 +59,14 @@ class FastDecoder(nn.Module):
 
     @classmethod
     def shared(cls, model: RetNet) -> FastDecoder:
-        """One decoder per model, device and dtype (built on first use; the weights are copied then:
-        the engine's model is never trained)."""
-        per_model: dict = model.__dict__.setdefault("_retserve_fast_decoders", {})
-        key = (model.device, model.dtype)
-        if key not in per_model:
-            per_model[key] = cls(model).eval()
-        return per_model[key]
+        """One decoder per model, rebuilt when the model's parameters changed since (moved, cast, copied,
+        loaded or modified in place: the fused weights are copies taken when it is built)."""
+        sig = tuple((id(p), _version(p), p.device, p.dtype) for p in model.parameters())
+        cached = model.__dict__.get("_retserve_fast_decoder")
+        if cached is None or cached[0] != sig:
+            cached = (sig, cls(model).eval())
+            model.__dict__["_retserve_fast_decoder"] = cached
+        return cached[1]
 
     def check_batch(self, tokens: Tensor, state: RetentionState) -> None:
         """Validate a batch once (shapes, dtypes, devices); `step` itself checks nothing."""
@@ -99,11 +100,16 @@ class FastDecoder(nn.Module):
         return F.linear(h, self.lm_head).view(B, -1)
 
 
+def _version(t: Tensor) -> int:
+    """In-place modification counter; inference tensors have none (for weights created in inference
+    mode the decoder is keyed on identity, device and dtype only)."""
+    return -1 if t.is_inference() else t._version
+
+
 def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm in the compute dtype of `weight`, cast back to x's dtype (model.layers.RMSNorm)."""
-    h = x.to(weight.dtype)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return (h * weight).to(x.dtype)
+    """RMSNorm in the compute dtype of `weight`, cast back to x's dtype (model.layers.RMSNorm), as one
+    fused op."""
+    return F.rms_norm(x.to(weight.dtype), weight.shape, weight, eps).to(x.dtype)
 
 
 class _FusedLayer(nn.Module):
@@ -150,8 +156,7 @@ class _FusedLayer(nn.Module):
             v = v[:, :, None].expand(B, Hkv, G, Dv).reshape(B, H, Dv)
         s.mul_(gamma).addcmul_(k[..., None], v[..., None, :])  # S = gamma S + k^T v, in place
         o = torch.matmul(q[:, :, None, :], s).view(B, H, Dv)  # (B, H, Dv)
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps) * self.g_norm
-        o = o * F.silu(g.reshape(B, H, Dv).to(cdt))
+        o = F.rms_norm(o, self.g_norm.shape, self.g_norm, eps) * F.silu(g.reshape(B, H, Dv).to(cdt))
         x = x + F.linear(o.reshape(B, H * Dv).to(x.dtype), self.o_proj)
         gate, up = F.linear(_rms(x, self.mlp_norm, eps), self.gate_up).chunk(2, -1)
         return x + F.linear(F.silu(gate) * up, self.down)

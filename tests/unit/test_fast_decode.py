@@ -107,6 +107,17 @@ def test_decode_step_validates_a_new_batch() -> None:
         step(torch.zeros(2, 1, dtype=torch.long), other.empty_state(2))
 
 
+def test_shared_decoder_is_rebuilt_when_the_weights_change() -> None:
+    model = random_model(torch.float32)
+    dec = FastDecoder.shared(model)
+    assert FastDecoder.shared(model) is dec
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    fresh = FastDecoder.shared(model)
+    assert fresh is not dec and torch.equal(fresh.lm_head, model.lm_head.weight)
+    assert FastDecoder.shared(model.double()).embed.dtype == torch.float64
+
+
 @torch.inference_mode()
 def test_bfloat16_fast_step_matches_the_reference() -> None:
     """A bf16 model (what the engine runs on CUDA): the same dtypes as the forward, fp32 state."""
