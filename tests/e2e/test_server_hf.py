@@ -102,15 +102,32 @@ def test_template_refusal_is_a_400_with_its_message(client: httpx.Client) -> Non
     assert "Conversation roles must alternate" in r.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_streamed_deltas_join_to_the_plain_text(client: httpx.Client, seed: int) -> None:
-    # Sampling pushed onto byte-fallback pieces of multibyte characters, "▁" and "é" tokens: deltas
-    # must hold back partial characters exactly as the whole text is decoded.
-    bias = {str(3 + b): 30 for b in (0xE4, 0xB8, 0xAD, 0xF0, 0x9F, 0x98, 0x80, 0xC3, 0xA9)}
-    body = {"prompt": " café  中文", "temperature": 1.0, "seed": seed, "max_tokens": 24, "logit_bias": bias}
-    whole = ok(client.post("/v1/completions", json=body))["choices"][0]["text"]
-    deltas, finish = stream_text(client, "/v1/completions", body)
-    assert "".join(deltas) == whole and finish is not None  # a cut character would differ here
+def _bias(ids: list[int]) -> dict[str, int]:
+    return {str(i): 30 for i in ids}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_streamed_deltas_join_to_the_plain_text(client: httpx.Client, model_dir: Path, seed: int) -> None:
+    vocab = RustTokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab()
+    # whole-character pieces only: valid text with multibyte characters and leading spaces
+    pieces = ["é", "è", "à", "\u2581café", "\u2581déjà", "\u2581élève", "\u2581", "\u2581The"]
+    whole_chars = _bias([vocab[p] for p in pieces])
+    # byte-fallback pieces of "中" and "😀" (3 and 4 tokens each) and "▁": characters cut across tokens,
+    # and invalid sequences that both paths must replace alike
+    cut_chars = _bias([3 + b for b in "中😀".encode()] + [vocab["\u2581"]])
+    for bias in (whole_chars, cut_chars):
+        body = {
+            "prompt": " café  中文",
+            "temperature": 1.0,
+            "seed": seed,
+            "max_tokens": 24,
+            "logit_bias": bias,
+        }
+        whole = ok(client.post("/v1/completions", json=body))["choices"][0]["text"]
+        deltas, finish = stream_text(client, "/v1/completions", body)
+        assert "".join(deltas) == whole and finish is not None  # a cut character would differ here
+        if bias is whole_chars:
+            assert "\ufffd" not in whole and any(ord(c) > 127 for c in whole) and " " in whole
 
 
 def test_sessions_continue_a_chat(client: httpx.Client) -> None:
