@@ -130,16 +130,22 @@ def test_streamed_deltas_join_to_the_plain_text(client: httpx.Client, model_dir:
             assert "\ufffd" not in whole and any(ord(c) > 127 for c in whole) and " " in whole
 
 
-def test_sessions_continue_a_chat(client: httpx.Client) -> None:
-    sid = ok(client.post("/v1/sessions", json={}), 201)["id"]
-    first = [{"role": "user", "content": "Hello there"}]
-    a = ok(client.post("/v1/chat/completions", json={"messages": first, "session_id": sid, **GREEDY}))
-    reply = a["choices"][0]["message"]["content"]
-    second = [{"role": "user", "content": "And then?"}]
-    b = ok(client.post("/v1/chat/completions", json={"messages": second, "session_id": sid, **GREEDY}))
+def test_sessions_continue_a_chat(client: httpx.Client, model_dir: Path) -> None:
+    earlier = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi, café?"}]
+    new = [{"role": "user", "content": "And then?"}]
+    ids_earlier, ids_new = independent_chat_ids(model_dir, earlier), independent_chat_ids(model_dir, new)
+    assert independent_chat_ids(model_dir, earlier + new) == ids_earlier + ids_new
+    sid = ok(client.post("/v1/sessions", json={"prompt": ids_earlier}), 201)["id"]
+    turn = ok(client.post("/v1/chat/completions", json={"messages": new, "session_id": sid, **GREEDY}))
+    whole = ok(client.post("/v1/chat/completions", json={"messages": earlier + new, **GREEDY}))
+    plain = ok(client.post("/v1/completions", json={"prompt": ids_earlier + ids_new, **GREEDY}))
+    assert turn["usage"]["prompt_tokens"] == len(ids_new)  # only the new turn was read
+    content = turn["choices"][0]["message"]["content"]
+    assert (
+        content == whole["choices"][0]["message"]["content"] == plain["choices"][0]["text"].removeprefix(" ")
+    )
     tokens = ok(client.get(f"/v1/sessions/{sid}"))["tokens"]
-    used = a["usage"]["total_tokens"] + b["usage"]["total_tokens"]
-    assert tokens == used and b["usage"]["prompt_tokens"] < a["usage"]["prompt_tokens"] + 3 + len(reply)
+    assert tokens == len(ids_earlier) + turn["usage"]["total_tokens"]
 
 
 def test_broken_template_is_a_startup_error(tmp_path: Path) -> None:
