@@ -121,7 +121,7 @@ def torchscale_rows(args: argparse.Namespace) -> list[dict]:
         rows.append(
             {"comparison": f"torchscale 0.3.0 RetNetDecoder, B={batch} decode step", "unit": "ms", **res}
         )
-        print(_row(rows[-1]), flush=True)
+        print(_row(rows[-1], _kinds(rows[-1])), flush=True)
     return rows
 
 
@@ -160,7 +160,7 @@ def gpt2_rows(args: argparse.Namespace) -> list[dict]:
                 res = interleaved(prefill, 2 if args.quick or T > 4096 else 3, 1)
                 res = {k: v / 1e3 for k, v in res.items()}
                 rows.append({"comparison": f"GPT-2 prefill of {T:,} tokens", "unit": "s", **res})
-                print(_row(rows[-1]), flush=True)
+                print(_row(rows[-1], _kinds(rows[-1])), flush=True)
             out = peer(ids, use_cache=True, logits_to_keep=1)
             cache = out[1]  # the KV cache (`past_key_values` in transformers 4, `cache` in 5)
             _, state = ours(ids, logits_to_keep=1)
@@ -173,14 +173,18 @@ def gpt2_rows(args: argparse.Namespace) -> list[dict]:
             fns = {"peer": peer_step, **retserve_paths(ours, 1, state, not args.no_compile)}
             res = interleaved(fns, args.rounds, 20 if args.quick else 60)
             rows.append({"comparison": f"GPT-2 with KV cache, decode at context {T:,}", "unit": "ms", **res})
-            print(_row(rows[-1]), flush=True)
+            print(_row(rows[-1], _kinds(rows[-1])), flush=True)
             del cache, out
     return rows
 
 
-def _row(r: dict) -> str:
-    ours = [k for k in ("reference", "fast", "compiled") if k in r]
-    cells = " | ".join(f"{r[k]:.4g} {r['unit']} ({r['peer'] / r[k]:.2f}×)" for k in ours)
+def _kinds(r: dict) -> list[str]:
+    return [k for k in ("reference", "fast", "compiled") if k in r]
+
+
+def _row(r: dict, kinds: tuple[str, ...] | list[str] = ("reference", "fast", "compiled")) -> str:
+    """A Markdown row; "–" where a path does not apply (a prompt is read by RetNet.forward only)."""
+    cells = " | ".join(f"{r[k]:.4g} {r['unit']} ({r['peer'] / r[k]:.2f}×)" if k in r else "–" for k in kinds)
     return f"| {r['comparison']} | {r['peer']:.4g} {r['unit']} | {cells} |"
 
 
@@ -206,14 +210,12 @@ def main() -> None:
         rows += torchscale_rows(args)
     if args.only in (None, "gpt2"):
         rows += gpt2_rows(args)
-    head = "| comparison | peer | retserve reference (ratio) | fast (ratio) |"
-    print(
-        f"\nload average at the end {os.getloadavg()[0]:.2f}\n\n{head}"
-        + (" compiled (ratio) |" if not args.no_compile else "")
-    )
-    print("|---" * (head.count("|") - 1) + "|")
+    kinds = ["reference", "fast"] + ([] if args.no_compile else ["compiled"])
+    head = "| comparison | peer | " + " | ".join(f"retserve {k} (ratio)" for k in kinds) + " |"
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}\n\n{head}")
+    print("|---" * (len(kinds) + 2) + "|")
     for r in rows:
-        print(_row(r))
+        print(_row(r, kinds))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
