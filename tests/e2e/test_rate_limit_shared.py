@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 import httpx
+import redis
 
 from server.ratelimit import RateLimiter, RedisRateLimiter, make_limiter
 from server.settings import Settings
+from tests.e2e.test_state_redis_cluster import cluster  # noqa: F401 - the 3-primary cluster fixture
 from tests.support.server import run_server
 from tests.support.state import REDIS_URL, RedisServer, redis_cleanup, require_redis
 
@@ -99,6 +101,22 @@ def test_redis_outage_fails_over_to_the_local_bucket(tmp_path: Path):
     finally:
         limiter.close()
         server.kill()
+
+
+def test_buckets_on_a_redis_cluster(cluster: list[RedisServer]):  # noqa: F811 - the fixture
+    url = "redis+cluster://" + cluster[0].url.removeprefix("redis://").rsplit("/", 1)[0]
+    limiter = RedisRateLimiter.from_url(url, 0.01, 3)
+    try:
+        keys = [secrets.token_hex(8) for _ in range(6)]  # spread over the three primaries' slots
+        assert len({limiter.client.get_node_from_key(limiter.key(k)).port for k in keys}) > 1
+        for k in keys:
+            assert [limiter.take(k) == 0.0 for _ in range(4)] == [True, True, True, False]
+        for node in cluster:  # every primary forgets the script: EVALSHA misses, EVAL reloads
+            redis.Redis(port=node.port).script_flush()
+        assert limiter.take(keys[0]) > 90 and limiter.take(secrets.token_hex(8)) == 0.0
+        assert limiter.clock() >= limiter._down_until  # no failover happened: every call reached Redis
+    finally:
+        limiter.close()
 
 
 def test_make_limiter_follows_the_store():
