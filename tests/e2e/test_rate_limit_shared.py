@@ -103,6 +103,26 @@ def test_redis_outage_fails_over_to_the_local_bucket(tmp_path: Path):
         server.kill()
 
 
+def test_a_server_limits_on_its_own_while_redis_is_down(tmp_path: Path):
+    redis_server = RedisServer(tmp_path)
+    redis_server.start()
+    key = secrets.token_hex(16)
+    env = {
+        "RETSERVE_STORE_URL": redis_server.url,
+        "RETSERVE_API_KEYS": json.dumps({key: "alice"}),
+        "RETSERVE_RATE_LIMIT_PER_S": "0.01",
+        "RETSERVE_RATE_LIMIT_BURST": "3",
+    }
+    try:
+        with run_server(env) as url:
+            assert _get(url, key).status_code == 200  # shared bucket: 2 tokens left
+            redis_server.kill()
+            codes = [_get(url, key).status_code for _ in range(4)]
+            assert codes == [200, 200, 429, 429], codes  # the local bucket goes on from the shared one
+    finally:
+        redis_server.kill()
+
+
 def test_buckets_on_a_redis_cluster(cluster: list[RedisServer]):  # noqa: F811 - the fixture
     url = "redis+cluster://" + cluster[0].url.removeprefix("redis://").rsplit("/", 1)[0]
     limiter = RedisRateLimiter.from_url(url, 0.01, 3)
