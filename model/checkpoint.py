@@ -195,8 +195,8 @@ def stored_dtype(path: str | Path) -> torch.dtype | None:
 
 def load_stored(path: str | Path, mmap: bool | None = None) -> RetNet:
     """A model directory's RetNet on the CPU, its parameters the tensors exactly as stored (any dtype;
-    memory-mapped for large checkpoints, see `_read_tensors`): no float32 copy of the whole model. Its
-    `state_store.model_fingerprint` is the one every server of these files computes."""
+    memory-mapped for large checkpoints, see `_read_tensors`): no float32 copy of the whole model (the
+    server fingerprints these weights as float32 one at a time: `server.runtime.float32_fingerprint`)."""
     p = Path(path)
     config = load_config(p)
     tensors = _read_tensors(p, mmap)
@@ -205,6 +205,8 @@ def load_stored(path: str | Path, mmap: bool | None = None) -> RetNet:
     load_weights(model, tensors, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embeddings.weight
+    unset = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not unset, f"tensors left on the meta device: {unset}"  # load_weights checked every name
     return model.eval()
 
 
