@@ -145,8 +145,12 @@ class HFTokenizer:
                 raise TokenizerError(f"{where} {text!r} is not a token of {path}")
             roles[role] = text
         self._roles = roles
-        self.add_bos = bool(cfg.get("add_bos_token", False)) and roles["bos_token"] is not None
-        self.add_eos = bool(cfg.get("add_eos_token", False)) and roles["eos_token"] is not None
+        # tokenizer_config.json's add_bos_token / add_eos_token; without them, what tokenizer.json's
+        # post-processor adds (as a transformers fast tokenizer does)
+        framed = self._tok.encode("a", add_special_tokens=True).ids
+        bare = self._tok.encode("a", add_special_tokens=False).ids
+        self.add_bos = self._adds(cfg.get("add_bos_token"), self.bos_id, framed[:1], bare[:1])
+        self.add_eos = self._adds(cfg.get("add_eos_token"), self.eos_id, framed[-1:], bare[-1:])
         self._name = str(cfg.get("name_or_path") or cfg.get("tokenizer_class") or d.name)
         probe = self.encode(_PROBE_TEXT)
         ours, theirs = self.decode(probe), self._tok.decode(probe, skip_special_tokens=False)
@@ -155,6 +159,12 @@ class HFTokenizer:
                 f"{path}: decoding a probe text gives {theirs!r} with the tokenizer's decoder but "
                 f"{ours!r} token by token; this decoder is not supported"
             )
+
+    @staticmethod
+    def _adds(setting: Any, token: int | None, framed_end: list[int], bare_end: list[int]) -> bool:
+        if token is None:
+            return False
+        return bool(setting) if setting is not None else framed_end == [token] != bare_end
 
     def _byte_table(self, space: str, added: Mapping[int, Any]) -> list[bytes]:
         inverse = _bytes_to_unicode() if self._family == "bytelevel" else {}

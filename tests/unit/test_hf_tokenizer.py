@@ -92,6 +92,10 @@ def test_add_bos_and_eos_come_from_tokenizer_config(model_dir: Path, tmp_path: P
     )
     t = HFTokenizer(tmp_path)
     assert t.prompt_prefix == [] and t.prompt_suffix == [2]
+    unset = {k: v for k, v in cfg.items() if k not in ("add_bos_token", "add_eos_token")}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(unset))
+    t = HFTokenizer(tmp_path)  # without the keys: what tokenizer.json's post-processor adds (<s> only)
+    assert t.prompt_prefix == [1] and t.prompt_suffix == []
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "eos_token": {"content": "<nope>"}}))
     with pytest.raises(TokenizerError, match=r"tokenizer_config\.json eos_token '<nope>' is not a token"):
         HFTokenizer(tmp_path)
