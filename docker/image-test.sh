@@ -17,7 +17,6 @@ STORE_URL="${IMAGE_TEST_STORE_URL:-redis://127.0.0.1:6379/12}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 GRACE_S=25 # > 2 x RETSERVE_SHUTDOWN_TIMEOUT_S (10): the stop grace period of compose and k8s
 bah=(buildah --storage-driver vfs)
-LOG_DIR=$(mktemp -d /tmp/retserve-image-test.XXXXXX)
 
 fail() { echo "image-test: FAIL: $*" >&2; exit 1; }
 skip() {
@@ -34,12 +33,28 @@ redis_host_port=${redis_host_port##*@}
 (exec 3<>"/dev/tcp/${redis_host_port%:*}/${redis_host_port##*:}") 2>/dev/null ||
     skip "no Redis at $STORE_URL (set IMAGE_TEST_STORE_URL)"
 
+LOG_DIR=$(mktemp -d /tmp/retserve-image-test.XXXXXX)
+ctr="" runner="" server_pid=""
+cleanup() { # the server process (known, or named in its log), its buildah run, the container
+    set +e # best effort: a step that fails (a process already gone) must not skip the rest
+    if [ -n "$runner" ]; then
+        [ -n "$server_pid" ] || server_pid=$(sed -n -E 's/^server pid ([0-9]+) .*/\1/p' "$LOG_DIR"/server-*.log | tail -1)
+        [ -n "$server_pid" ] && kill -KILL "$server_pid" 2>/dev/null
+        sleep 1
+        kill -KILL "$runner" 2>/dev/null
+        wait "$runner" 2>/dev/null
+    fi
+    [ -n "$ctr" ] && "${bah[@]}" rm "$ctr" >/dev/null 2>&1
+    [ "${KEEP_IMAGE:-0}" = 1 ] || rm -rf "$LOG_DIR"
+}
+trap cleanup EXIT
+
 # ---- base image and the torch wheel ----------------------------------------------------------------
 bash docker/base.sh
 wheel="${TORCH_WHEEL:-}"
 if [ -z "$wheel" ]; then # the machine's pip configuration: find-links dirs and file:// indexes
     dirs=$(python3 -m pip config list 2>/dev/null | sed -n -E "s/^[^=]*\.(find-links|extra-index-url|index-url)='(.*)'$/\2/p" |
-        tr ' ' '\n' | sed -n -E 's#^(file://)?(/.*)$#\2#p' | sort -u)
+        tr ' ' '\n' | sed -n -E 's#^(file://)?(/.*)$#\2#p' | sort -u || true)
     for d in $dirs; do
         [ -d "$d" ] || continue
         wheel=$(find "$d" -maxdepth 2 -name "torch-${TORCH_VERSION}+cpu-cp311-*.whl" -print -quit)
@@ -69,19 +84,6 @@ size=$("${bah[@]}" images --format '{{.Size}}' "$IMAGE" | head -1)
 # ---- run ---------------------------------------------------------------------------------------------
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 URL="http://127.0.0.1:$port"
-ctr="" runner="" server_pid=""
-cleanup() { # the server process (known, or named in its log), its buildah run, the container
-    if [ -n "$runner" ]; then
-        [ -n "$server_pid" ] || server_pid=$(sed -n -E 's/^server pid ([0-9]+) .*/\1/p' "$LOG_DIR"/server-*.log | tail -1)
-        [ -n "$server_pid" ] && kill -KILL "$server_pid" 2>/dev/null
-        sleep 1
-        kill -KILL "$runner" 2>/dev/null
-        wait "$runner" 2>/dev/null
-    fi
-    [ -n "$ctr" ] && "${bah[@]}" rm "$ctr" >/dev/null 2>&1
-    [ "${KEEP_IMAGE:-0}" = 1 ] || rm -rf "$LOG_DIR"
-}
-trap cleanup EXIT
 
 start() { # a new container from the image, the server in it in the background; waits for /ready
     ctr=$("${bah[@]}" from "$IMAGE")
