@@ -39,7 +39,8 @@ def rate_limited(limiter: RateLimiter, wait: float) -> APIError:
     """The 429 for a caller who must wait `wait` seconds for the next token of its bucket."""
     return APIError(
         429,
-        f"rate limit of {limiter.rate:g} requests/s exceeded; retry after {wait:.2f}s",
+        f"rate limit of {limiter.rate:g} requests/s per API key"
+        f"{' (one budget for every replica)' if limiter.shared else ''} exceeded; retry after {wait:.2f}s",
         code="rate_limit_exceeded",
         headers={"Retry-After": RateLimiter.retry_after(wait)},
     )

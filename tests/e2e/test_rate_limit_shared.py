@@ -42,6 +42,7 @@ def test_two_servers_on_one_redis_share_one_budget_per_key():
             refused = _get(one, key_a)
             assert refused.status_code == 429
             assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+            assert "one budget for every replica" in refused.json()["error"]["message"]
             assert int(refused.headers["Retry-After"]) >= 90  # the shared bucket's wait, not a local one
             assert _get(two, key_b).status_code == 200  # another key has its own budget
     finally:
