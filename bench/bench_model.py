@@ -8,7 +8,8 @@ Prints, for the preset (default `small`, random weights: speed does not depend o
 Decode runs through `--path fast` (default: the engine's DecodeStep, model/fast.py, eager) or
 `--path reference` (RetNet.forward in recurrent mode, the landed step before the fast path).
 
-Usage: python bench/bench_model.py [--preset small] [--threads N] [--path fast|reference] [--json out.json]
+Usage: python bench/bench_model.py [--preset small] [--threads N] [--path fast|reference]
+       [--chunk-sizes 32,64,128,256] [--json out.json]
 """
 
 from __future__ import annotations
@@ -65,6 +66,22 @@ def _decode_ms(step: Step, states: list[RetentionState], steps: int, repeats: in
     return [statistics.median(r) for r in runs]
 
 
+def _chunk_sweep(model: RetNet, ids: torch.Tensor, sizes: list[int], rounds: int = 3) -> dict[int, float]:
+    """Chunkwise prefill seconds per chunk size (interleaved rounds, median): how the default 64 was
+    chosen (RetNet.forward's chunk_size and EngineConfig.chunk_size)."""
+    runs: dict[int, list[float]] = {cs: [] for cs in sizes}
+    for _ in range(rounds):
+        for cs in sizes:
+            t0 = time.perf_counter()
+            model(ids, mode="chunk", chunk_size=cs, logits_to_keep=1)
+            runs[cs].append(time.perf_counter() - t0)
+    res = {cs: round(statistics.median(r), 3) for cs, r in runs.items()}
+    print(
+        "prefill", ids.shape[1], "tokens by chunk size (s):", "  ".join(f"{c}: {t}" for c, t in res.items())
+    )
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
@@ -74,6 +91,12 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=4096)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     ap.add_argument("--path", choices=["fast", "reference"], default="fast", help="the decode step")
+    ap.add_argument(
+        "--chunk-sizes",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[],
+        help="also time the chunkwise prefill at these chunk sizes, e.g. 32,64,128,256",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -150,6 +173,8 @@ def main() -> None:
             f"token by token {step_s:.3f}s -> {step_s / chunk_s:.1f}x (goal >= 10x); "
             f"max state difference {err:.2e}"
         )
+        if args.chunk_sizes:
+            out["prefill_s_by_chunk_size"] = _chunk_sweep(model, ids, args.chunk_sizes)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
 
