@@ -181,3 +181,23 @@ def load_config_dict(data: dict) -> RetNetConfig:
 
 def test_load_config_of_the_fixture(model_dir: Path) -> None:
     assert load_config(model_dir).max_position_embeddings == 2048
+
+
+def test_bad_model_dirs_are_startup_errors(tmp_path: Path) -> None:
+    from server.runtime import StartupError, load_model
+    from server.settings import Settings
+
+    d = build_hf_model(tmp_path / "m")
+    loaded = load_model(Settings(model_path=d, device="cpu"))
+    assert loaded.model.dtype == torch.bfloat16 and loaded.chat.template is not None
+    (d / "tokenizer.json").write_text("{}")
+    with pytest.raises(StartupError, match=r"RETSERVE_MODEL_PATH=.*tokenizer\.json"):
+        load_model(Settings(model_path=d, device="cpu"))
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(StartupError, match="has no tokenizer"):
+        load_model(Settings(model_path=d, device="cpu"))
+    (d / "model-00001-of-00002.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(
+        StartupError, match=r"model-00001-of-00002\.safetensors is not a readable safetensors"
+    ):
+        load_model(Settings(model_path=d, device="cpu"))
