@@ -5,8 +5,8 @@ The same file set and config keys as the Hub directory, at small dimensions: `co
 with `model.safetensors.index.json`, a Llama-style BPE `tokenizer.json` trained here with `tokenizers`
 (byte fallback `<0x00>`..`<0xFF>` at ids 3..258, metaspace `▁` prefix, `<unk>` `<s>` `</s>` at 0, 1, 2),
 `tokenizer_config.json` (`add_bos_token`, `add_eos_token`, a Llama-2 chat template) and
-`special_tokens_map.json`. Not made: `tokenizer.model` (a sentencepiece binary; nothing here reads it).
-Deterministic: the same call writes the same bytes. No downloads.
+`special_tokens_map.json`, a `README.md` model card. Not made: `tokenizer.model` (a sentencepiece
+binary; nothing here reads it). Deterministic: the same call writes the same bytes. No downloads.
 """
 
 from __future__ import annotations
@@ -178,4 +178,5 @@ def build_hf_model(
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     smap = {"bos_token": _special("<s>"), "eos_token": _special("</s>"), "unk_token": _special("<unk>")}
     (out / "special_tokens_map.json").write_text(json.dumps(smap, indent=2) + "\n")
+    (out / "README.md").write_text("---\nlicense: mit\nlibrary_name: fla\n---\n")  # the Hub's model card
     return out
