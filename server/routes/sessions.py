@@ -104,6 +104,8 @@ async def create_session(
 ) -> SessionObject:
     sid = body.session_id or new_session_id()
     ids = await encode_prompt(rt, body.prompt) if body.prompt is not None else []
+    if ids and isinstance(body.prompt, str):
+        ids = rt.tokenizer.prompt_prefix + ids  # a new session starts a sequence: BOS where the model has one
     read: Usage | None = None
     if ids:
         target = SessionTarget(tenant, sid, create=True, provenance=Provenance(primed_from=_digest(ids)))

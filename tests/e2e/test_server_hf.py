@@ -153,3 +153,19 @@ def test_broken_template_is_a_startup_error(tmp_path: Path) -> None:
     expected = r"tokenizer_config\.json chat_template is not a valid Jinja2"
     with pytest.raises(RuntimeError, match=expected), run_server({"RETSERVE_MODEL_PATH": str(d)}, timeout=60):
         pass
+
+
+def test_a_session_created_from_text_starts_with_bos(client: httpx.Client, model_dir: Path) -> None:
+    """A new session's text is a new sequence: it gets the BOS a stateless completion of it gets, so
+    continuing the session equals completing the text alone; priming more text adds no BOS."""
+    text = "Un café, s'il vous plaît"
+    tok = RustTokenizer.from_file(str(model_dir / "tokenizer.json"))
+    ids = tok.encode(text, add_special_tokens=False).ids
+    sid = ok(client.post("/v1/sessions", json={"prompt": text}), 201)["id"]
+    assert ok(client.get(f"/v1/sessions/{sid}"))["tokens"] == len(ids) + 1  # <s> + the text
+    cont = ok(client.post(f"/v1/sessions/{sid}/generate", json=GREEDY))["choices"][0]["text"]
+    assert cont == ok(client.post("/v1/completions", json={"prompt": text, **GREEDY}))["choices"][0]["text"]
+    before = ok(client.get(f"/v1/sessions/{sid}"))["tokens"]
+    ok(client.post(f"/v1/sessions/{sid}/prime", json={"prompt": "encore"}))
+    more = len(tok.encode("encore", add_special_tokens=False).ids)
+    assert ok(client.get(f"/v1/sessions/{sid}"))["tokens"] == before + more
