@@ -66,7 +66,13 @@ class DecodeStep:
         self._buffers = {b: _Bucket(b, model) for b in self.buckets}
         self._fn: Callable[..., Tensor] | None = None
         if compile:
-            self._fn = torch.compile(self.decoder.step, dynamic=False)
+            # one compiled function per decoder: engines on the same model reuse its graphs (dynamo
+            # guards on the decoder), each with buffers of its own
+            cached = model.__dict__.get("_retserve_compiled_step")
+            if cached is None or cached[0] is not self.decoder:
+                cached = (self.decoder, torch.compile(self.decoder.step, dynamic=False))
+                model.__dict__["_retserve_compiled_step"] = cached
+            self._fn = cached[1]
             # one graph per bucket; dynamo's default limit (8 per function) would silently fall back
             # to eager once exceeded
             cfg = torch._dynamo.config
@@ -75,15 +81,8 @@ class DecodeStep:
 
     @classmethod
     def shared(cls, model: RetNet, compile: bool, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> DecodeStep:
-        """One step per model and bucket set: engines on the same model reuse its compiled graphs
-        (dynamo guards on the decoder, so a new one would compile every bucket again)."""
-        if not compile:
-            return cls(model)
-        per_model: dict[tuple[int, ...], DecodeStep] = model.__dict__.setdefault("_retserve_decode_steps", {})
-        key = tuple(sorted(set(buckets)))
-        if key not in per_model:
-            per_model[key] = cls(model, True, key)
-        return per_model[key]
+        """A step for one engine; the model's fused decoder and compiled graphs are shared by all."""
+        return cls(model, compile, buckets)
 
     def bucket(self, batch: int) -> int | None:
         return next((b for b in self.buckets if b >= batch), None)
