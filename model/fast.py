@@ -15,8 +15,10 @@
 computes, in the same dtypes (norms, rotary, retention and state in `compute_dtype`; projections in
 the model's dtype), equal to it within float rounding (tests/unit/test_fast_decode.py).
 
-The fused weights are copies: a decoder built before the model's weights change keeps the old ones
-(the serving engine never changes them; build a new decoder otherwise).
+The fused matrices (q|k|v|g and gate|up) are copies, about the size of the attention and MLP weights;
+the other weights (embeddings, output projections, norms in the compute dtype) are shared with the
+model. A decoder built before the model's weights change keeps the old fused ones: `shared` rebuilds
+it when the model's parameters changed (the serving engine never changes them).
 """
 
 from __future__ import annotations
@@ -50,9 +52,9 @@ class FastDecoder(nn.Module):
         self.splits = [self.H * self.Dk + self.Hkv * self.Dk, self.Hkv * self.Dv, self.H * self.Dv]
         dev = model.device
         with torch.no_grad():
-            self.register_buffer("embed", model.model.embeddings.weight.detach().clone())
-            self.register_buffer("final_norm", model.model.norm.weight.detach().to(self.cdt).clone())
-            self.register_buffer("lm_head", model.lm_head.weight.detach().clone())
+            self.register_buffer("embed", model.model.embeddings.weight.detach())
+            self.register_buffer("final_norm", model.model.norm.weight.detach().to(self.cdt))
+            self.register_buffer("lm_head", model.lm_head.weight.detach())
             self.register_buffer("inv_freq", _inv_freq(self.Dk, c.rope_theta, self.cdt, dev).clone())
             self.register_buffer("gamma", _gamma(self.H, self.cdt, dev)[0].clone())  # (H, 1, 1)
             self.layers = nn.ModuleList(_FusedLayer(block, self.cdt) for block in model.model.layers)
@@ -117,15 +119,15 @@ class _FusedLayer(nn.Module):
         super().__init__()
         a, m = block.attn, block.mlp
         cat = torch.cat
-        self.register_buffer("attn_norm", block.attn_norm.weight.detach().to(cdt).clone())
+        self.register_buffer("attn_norm", block.attn_norm.weight.detach().to(cdt))
         self.register_buffer(
             "qkvg", cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.g_proj.weight]).detach()
         )
-        self.register_buffer("g_norm", a.g_norm_swish_gate.weight.detach().to(cdt).clone())
-        self.register_buffer("o_proj", a.o_proj.weight.detach().clone())
-        self.register_buffer("mlp_norm", block.mlp_norm.weight.detach().to(cdt).clone())
+        self.register_buffer("g_norm", a.g_norm_swish_gate.weight.detach().to(cdt))
+        self.register_buffer("o_proj", a.o_proj.weight.detach())
+        self.register_buffer("mlp_norm", block.mlp_norm.weight.detach().to(cdt))
         self.register_buffer("gate_up", cat([m.gate_proj.weight, m.up_proj.weight]).detach())
-        self.register_buffer("down", m.down_proj.weight.detach().clone())
+        self.register_buffer("down", m.down_proj.weight.detach())
 
     def forward(
         self,

@@ -135,7 +135,10 @@ class DecodeStep:
         """`steps` steps of a full bucket on its own buffers, seconds per step."""
         self.choice[b] = kind
         buf = self._buffers[b]
+        sync = torch.cuda.synchronize if buf.tokens.is_cuda else (lambda: None)  # GPU work is async
+        sync()
         t0 = time.perf_counter()
         for _ in range(steps):
             self(buf.tokens, buf.state)
+        sync()
         return (time.perf_counter() - t0) / steps
