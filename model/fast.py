@@ -15,10 +15,12 @@
 computes, in the same dtypes (norms, rotary, retention and state in `compute_dtype`; projections in
 the model's dtype), equal to it within float rounding (tests/unit/test_fast_decode.py).
 
-The fused matrices (q|k|v|g and gate|up) are copies, about the size of the attention and MLP weights;
-the other weights (embeddings, output projections, norms in the compute dtype) are shared with the
-model. A decoder built before the model's weights change keeps the old fused ones: `shared` rebuilds
-it when the model's parameters changed (the serving engine never changes them).
+No weight is held twice: the fused matrices (q|k|v|g and gate|up) are built once and the model's own
+q, k, v, g, gate and up weights become views into them (same values, so the model's other forms are
+unchanged); the other weights (embeddings, output projections, norms in the compute dtype) are shared
+as they are. A model whose parameters are replaced later (moved, cast, loaded) no longer shares them:
+`shared` rebuilds the decoder when the model's parameters changed (the serving engine never changes
+them).
 """
 
 from __future__ import annotations
@@ -63,10 +65,10 @@ class FastDecoder(nn.Module):
     def shared(cls, model: RetNet) -> FastDecoder:
         """One decoder per model, rebuilt when the model's parameters changed since (moved, cast, copied,
         loaded or modified in place: the fused weights are copies taken when it is built)."""
-        sig = tuple((id(p), _version(p), p.device, p.dtype) for p in model.parameters())
         cached = model.__dict__.get("_retserve_fast_decoder")
-        if cached is None or cached[0] != sig:
-            cached = (sig, cls(model).eval())
+        if cached is None or cached[0] != _signature(model):
+            decoder = cls(model).eval()  # re-points the model's weights into its fused ones
+            cached = (_signature(model), decoder)
             model.__dict__["_retserve_fast_decoder"] = cached
         return cached[1]
 
@@ -102,6 +104,22 @@ class FastDecoder(nn.Module):
         return F.linear(h, self.lm_head).view(B, -1)
 
 
+def _signature(model: RetNet) -> tuple:
+    return tuple((id(p), p.data_ptr(), _version(p), p.device, p.dtype) for p in model.parameters())
+
+
+def _fuse(linears: list[nn.Linear]) -> Tensor:
+    """The linears' weights stacked into one (sum of outs, in) matrix, and each linear's weight made a
+    view into it (a slice of rows: contiguous), so the fused matrix is the only copy."""
+    fused = torch.cat([m.weight.detach() for m in linears])
+    start = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight.data = fused[start : start + n]
+        start += n
+    return fused
+
+
 def _version(t: Tensor) -> int:
     """In-place modification counter; inference tensors have none (for weights created in inference
     mode the decoder is keyed on identity, device and dtype only)."""
@@ -118,15 +136,12 @@ class _FusedLayer(nn.Module):
     def __init__(self, block: nn.Module, cdt: torch.dtype) -> None:
         super().__init__()
         a, m = block.attn, block.mlp
-        cat = torch.cat
         self.register_buffer("attn_norm", block.attn_norm.weight.detach().to(cdt))
-        self.register_buffer(
-            "qkvg", cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.g_proj.weight]).detach()
-        )
+        self.register_buffer("qkvg", _fuse([a.q_proj, a.k_proj, a.v_proj, a.g_proj]))
         self.register_buffer("g_norm", a.g_norm_swish_gate.weight.detach().to(cdt))
         self.register_buffer("o_proj", a.o_proj.weight.detach())
         self.register_buffer("mlp_norm", block.mlp_norm.weight.detach().to(cdt))
-        self.register_buffer("gate_up", cat([m.gate_proj.weight, m.up_proj.weight]).detach())
+        self.register_buffer("gate_up", _fuse([m.gate_proj, m.up_proj]))
         self.register_buffer("down", m.down_proj.weight.detach())
 
     def forward(

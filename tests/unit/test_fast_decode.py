@@ -119,6 +119,32 @@ def test_shared_decoder_is_rebuilt_when_the_weights_change() -> None:
 
 
 @torch.inference_mode()
+def test_the_decoder_holds_no_second_copy_of_the_weights() -> None:
+    """The fused matrices are the only copy: the model's q/k/v/g and gate/up weights are views into
+    them, the model's forward is unchanged, and asking again does not rebuild."""
+    model = random_model(torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.inference_mode():
+        before, _ = model(ids)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    dec = FastDecoder.shared(model)
+    assert FastDecoder.shared(model) is dec
+    storages = {}
+    for t in [*model.parameters(), *dec.buffers()]:
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+    extra = sum(storages.values()) - param_bytes
+    # only the norms cast to the compute dtype and the rotary/decay tables are the decoder's own
+    own = sum(b.numel() * b.element_size() for n, b in dec.named_buffers() if "norm" in n)
+    assert extra <= own + 4096, (extra, own)
+    attn = model.model.layers[0].attn
+    fused = dec.layers[0].qkvg
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    with torch.inference_mode():
+        after, _ = model(ids)
+    assert torch.equal(before, after)
+
+
 def test_bfloat16_fast_step_matches_the_reference() -> None:
     """A bf16 model (what the engine runs on CUDA): the same dtypes as the forward, fp32 state."""
     model = random_model(torch.bfloat16)
