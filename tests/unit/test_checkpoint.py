@@ -12,38 +12,11 @@ from safetensors.torch import save_file
 from model.checkpoint import CheckpointError, from_pretrained, load_tokenizer, save_pretrained
 from model.config import ConfigError, RetNetConfig, preset
 from model.retnet import RetNet
+from tests.support.hf_model import fla_config
 
-# An fla-style config.json, as fla's RetNetConfig writes it (fields we ignore included).
-FLA_CONFIG = {
-    "architectures": ["RetNetForCausalLM"],
-    "attn_mode": "chunk",
-    "bos_token_id": 1,
-    "conv_size": 4,
-    "elementwise_affine": True,
-    "eos_token_id": 2,
-    "expand_k": 1,
-    "expand_v": 2,
-    "feature_map": None,
-    "fuse_cross_entropy": True,
-    "fuse_norm": True,
-    "hidden_act": "swish",
-    "hidden_ratio": 2,
-    "hidden_size": 48,
-    "initializer_range": 0.02,
-    "intermediate_size": None,
-    "max_position_embeddings": 2048,
-    "model_type": "retnet",
-    "norm_eps": 1e-06,
-    "num_heads": 3,
-    "num_hidden_layers": 2,
-    "num_kv_heads": None,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "use_cache": True,
-    "use_output_gate": True,
-    "use_short_conv": False,
-    "vocab_size": 97,
-}
+# An fla-style config.json, as fla's RetNetConfig writes it (fields we ignore included), at other test
+# dimensions than the fla-hub fixture (3 heads, an odd vocabulary).
+FLA_CONFIG = fla_config(attn_mode="chunk", num_heads=3, hidden_size=48, vocab_size=97)
 
 
 def _fla_weights(cfg: dict, fused_mlp: bool, seed: int = 0) -> dict[str, torch.Tensor]:
