@@ -9,8 +9,8 @@ bounds, tokenizer and chat template) and measures:
 - load time (the files were just written, so their pages are in the page cache: a warm-cache load),
 - peak resident memory at load (`ru_maxrss`, and `VmHWM` which restarts at exec) minus the resident
   memory before it (Python + torch), against the size of the weight files (goal: at most 1.3x),
-- the peak once the engine's decoder (`model.fast.FastDecoder`: the fused matrices, into which the model's weights then point) is
-  built, as the server builds it at startup,
+- the peak once the engine's decoder (`model.fast.FastDecoder`: the fused matrices, into which the
+  model's weights then point) is built, as the server builds it at startup,
 - decode ms per step at B=1 and B=8, rows at position 16, bf16 weights, fp32 states: the engine's
   step (`FastDecoder.step`, eager) and the model's own recurrent forward: per batch size the median
   of `--steps` steps (wall and process CPU ms), the best of `--rounds` rounds (the machine is shared),
