@@ -56,10 +56,14 @@ class Generation:
         params: EngineSamplingParams,
         session: SessionTarget | None = None,
         dropping: DropSpec | None = None,
+        text: bool = False,
     ) -> None:
-        """An empty `prompt_ids` continues the session from the next-token logits saved with it."""
+        """An empty `prompt_ids` continues the session from the next-token logits saved with it.
+        `text`: the prompt was text, so where it starts a sequence (no session, a new session or one
+        that has read nothing) the tokenizer's `prompt_prefix` (BOS, `add_bos_token`) goes before it."""
         self.rt = rt
         self.session = session
+        self.text = text
         self.request = EngineRequest(prompt_ids, params, dropping=dropping if prompt_ids else None)
         self.save_error: APIError | None = None
         self._queue: asyncio.Queue[RequestOutput | None] = asyncio.Queue()
@@ -70,6 +74,7 @@ class Generation:
         """Take the session's lease and load it (if any), then submit. Raises the APIError that kept
         it from starting (409 busy, 404, 503 store or engine overloaded, 400); the lease is released."""
         if self.session is None:
+            self._starts_sequence()
             self._submit()
             return
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -80,6 +85,10 @@ class Generation:
             started.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody waits for it
             self.abort()
             raise
+
+    def _starts_sequence(self) -> None:
+        if self.text and self.request.prompt_ids:
+            self.request.prompt_ids = self.rt.tokenizer.prompt_prefix + self.request.prompt_ids
 
     def _submit(self) -> None:
         try:
@@ -106,6 +115,8 @@ class Generation:
                     started.cancel()
                     return
                 self.request.state = loaded.state if loaded is not None else None
+                if loaded is None or int(loaded.state.position.max()) == 0:
+                    self._starts_sequence()
                 if not self.request.prompt_ids:
                     self.request.logits = saved_logits(target.session_id, loaded)
                 self._submit()

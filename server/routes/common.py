@@ -93,10 +93,12 @@ async def start_generation(
     ids: list[int],
     params: EngineSamplingParams,
     dropping: DropSpec | None = None,
+    text: bool = False,
 ) -> Generation:
-    """A started generation, continuing `session_id` when given (APIError if it could not start)."""
+    """A started generation, continuing `session_id` when given (APIError if it could not start);
+    `text`: the prompt was text (BOS where it starts a sequence: `Generation`)."""
     target = SessionTarget(tenant, session_id) if session_id is not None else None
-    gen = Generation(rt, ids, params, target, dropping)
+    gen = Generation(rt, ids, params, target, dropping, text)
     await gen.start()
     if session_id is not None:
         rt.metrics.sessions.labels(event="resumed").inc()

@@ -116,8 +116,6 @@ async def serve_completion(
     /v1/completions and /v1/sessions/{id}/generate serve."""
     check_model(rt, body.model)
     ids = await encode_prompt(rt, body.prompt, allow_empty=session_id is not None)
-    if session_id is None and isinstance(body.prompt, str):
-        ids = rt.tokenizer.prompt_prefix + ids  # BOS for a new text (`add_bos_token`)
     dropping = request_dropping(body, rt.settings.token_dropping, rt.model.config)
     n_lp = body.logprobs
     params = sampling_params(
@@ -128,7 +126,7 @@ async def serve_completion(
         logprobs=n_lp is not None,
         top_logprobs=n_lp or 0,
     )
-    gen = await start_generation(rt, tenant, session_id, ids, params, dropping)
+    gen = await start_generation(rt, tenant, session_id, ids, params, dropping, isinstance(body.prompt, str))
     base = response_base(rt, "cmpl-", "text_completion", session_id)
 
     if body.stream:

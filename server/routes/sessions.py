@@ -92,7 +92,8 @@ async def _read(
 
     A client that disconnects first aborts the read: the session stays as it was."""
     dropping = request_dropping(body, rt.settings.token_dropping, rt.model.config)
-    gen = Generation(rt, ids, EngineSamplingParams(temperature=0, max_tokens=0), target, dropping)
+    params = EngineSamplingParams(temperature=0, max_tokens=0)
+    gen = Generation(rt, ids, params, target, dropping, text=isinstance(body.prompt, str))
     await gen.start()
     _, out = await final_result(gen, request)
     return usage(out, gen) if dropping is not None else None
@@ -104,8 +105,6 @@ async def create_session(
 ) -> SessionObject:
     sid = body.session_id or new_session_id()
     ids = await encode_prompt(rt, body.prompt) if body.prompt is not None else []
-    if ids and isinstance(body.prompt, str):
-        ids = rt.tokenizer.prompt_prefix + ids  # a new session starts a sequence: BOS where the model has one
     read: Usage | None = None
     if ids:
         target = SessionTarget(tenant, sid, create=True, provenance=Provenance(primed_from=_digest(ids)))

@@ -169,3 +169,21 @@ def test_a_session_created_from_text_starts_with_bos(client: httpx.Client, model
     ok(client.post(f"/v1/sessions/{sid}/prime", json={"prompt": "encore"}))
     more = len(tok.encode("encore", add_special_tokens=False).ids)
     assert ok(client.get(f"/v1/sessions/{sid}"))["tokens"] == before + more
+
+
+def test_text_into_a_session_that_has_read_nothing_starts_with_bos(client: httpx.Client) -> None:
+    """An empty session's first text is a new sequence too, whichever route reads it: primed, or
+    generated from (equal to the stateless completion of the same text)."""
+    text = "Hello, wörld"
+    plain = ok(client.post("/v1/completions", json={"prompt": text, **GREEDY}))
+    primed = ok(client.post("/v1/sessions", json={}), 201)["id"]
+    ok(client.post(f"/v1/sessions/{primed}/prime", json={"prompt": text}))
+    assert ok(client.get(f"/v1/sessions/{primed}"))["tokens"] == plain["usage"]["prompt_tokens"]
+    cont = ok(client.post(f"/v1/sessions/{primed}/generate", json=GREEDY))
+    assert cont["choices"][0]["text"] == plain["choices"][0]["text"]
+    for route in ("/v1/sessions/{}/generate", "/v1/completions"):
+        sid = ok(client.post("/v1/sessions", json={}), 201)["id"]
+        body = {"prompt": text, **GREEDY} | ({"session_id": sid} if route == "/v1/completions" else {})
+        out = ok(client.post(route.format(sid), json=body))
+        assert out["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+        assert out["choices"][0]["text"] == plain["choices"][0]["text"]
