@@ -79,8 +79,10 @@ def test_schemathesis_all_checks(url: str, tmp_path: Path) -> None:
         "--generation-deterministic",
         "--request-timeout",
         "30",
+        # one worker: with 2 (threads) CPython 3.11 sometimes fails inside schemathesis's own code
+        # generation ("SystemError: AST constructor recursion depth mismatch"), not in the server
         "--workers",
-        "2",
+        "1",
         "--no-color",
         "--output-sanitize",
         "false",
