@@ -10,14 +10,10 @@ import torch
 from model.dropping import DropSpec, prefill_dropping
 from model.state import RetentionState
 from tests.cuda.common import DEVICES, random_model, rel_err, tolerance
+from tests.support.models import random_ids
 
 DTYPES = [torch.float32, torch.bfloat16]
 FORMS = [("parallel", 64), ("chunk", 16), ("chunk", 37), ("chunk", 64), ("recurrent", 64)]
-
-
-def _ids(B: int, T: int, seed: int, device: str = "cpu") -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 512, (B, T), generator=g).to(device)  # (B, T)
 
 
 def _check_state(state: RetentionState, ref: RetentionState, tol: float) -> None:
@@ -34,7 +30,7 @@ def _check_state(state: RetentionState, ref: RetentionState, tol: float) -> None
 @pytest.mark.parametrize("device", DEVICES)
 def test_forms_agree_with_float64(device, dtype, T):
     m, ref = random_model(device, dtype, num_kv_heads=1)  # GQA covered too
-    ids = _ids(2, T, seed=1)
+    ids = random_ids(2, T, seed=1)
     ref_logits, ref_state = ref(ids, mode="parallel")
     tol = tolerance(dtype, m.config.num_hidden_layers, accumulation=T + m.config.ffn_size)
     for mode, cs in FORMS:
@@ -50,7 +46,7 @@ def test_forms_agree_with_float64(device, dtype, T):
 @pytest.mark.parametrize("device", DEVICES)
 def test_prefill_then_steps_equals_one_pass(device, dtype):
     m, ref = random_model(device, dtype)
-    ids = _ids(2, 90, seed=4)
+    ids = random_ids(2, 90, seed=4)
     full_logits, full_state = ref(ids, mode="parallel")
     tol = tolerance(dtype, m.config.num_hidden_layers, accumulation=90 + m.config.ffn_size)
     logits, state = m(ids[:, :50].to(device), mode="chunk", chunk_size=16)
@@ -67,10 +63,10 @@ def test_prefill_then_steps_equals_one_pass(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_rows_at_different_positions_equal_rows_alone(device, dtype):
     m, ref = random_model(device, dtype)
-    prompts = [_ids(1, n, seed=10 + n) for n in (3, 40, 129)]
+    prompts = [random_ids(1, n, seed=10 + n) for n in (3, 40, 129)]
     batch_state = RetentionState.stack([m(p.to(device), mode="chunk")[1] for p in prompts])
     assert batch_state.position.tolist() == [3, 40, 129]
-    nxt = _ids(3, 5, seed=99)
+    nxt = random_ids(3, 5, seed=99)
     tol = tolerance(dtype, m.config.num_hidden_layers, accumulation=140 + m.config.ffn_size)
     for mode in ("recurrent", "chunk", "parallel"):
         logits, out_state = m(nxt.to(device), state=batch_state, mode=mode)
@@ -89,12 +85,12 @@ def test_compact_dropping_equals_keep_mask(device, dtype, policy):
     device chose, in float64 (ragged rows, resumed states)."""
     m, ref = random_model(device, dtype, num_hidden_layers=3)
     T = 160
-    ids = _ids(3, T, seed=3)
+    ids = random_ids(3, T, seed=3)
     mask = torch.ones(3, T, dtype=torch.long)  # (B, T)
     mask[0, :17] = 0  # left padding
     mask[1, -29:] = 0  # right padding
     mask[2, 40:46] = 0  # a hole
-    starts = [_ids(1, n, seed=50 + n) for n in (3, 1, 70)]
+    starts = [random_ids(1, n, seed=50 + n) for n in (3, 1, 70)]
     state = RetentionState.stack([m(s.to(device))[1] for s in starts])
     ref_state0 = RetentionState.stack([ref(s)[1] for s in starts])
     spec = DropSpec(policy, 0.5, sinks=4, recent=8, from_layer=1)

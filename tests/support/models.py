@@ -18,3 +18,8 @@ def random_model(dtype: torch.dtype = torch.float32, *, seed: int = 0, **overrid
             if p.ndim == 1:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
     return m
+
+
+def random_ids(B: int, T: int, seed: int = 0, vocab: int = 512) -> torch.Tensor:
+    """(B, T) int64 token ids below `vocab`, from their own seeded generator (the global RNG untouched)."""
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))

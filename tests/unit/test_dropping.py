@@ -19,7 +19,7 @@ from model.ops import (
 )
 from model.retnet import RetNet
 from model.state import RetentionState
-from tests.support.models import random_model
+from tests.support.models import random_ids, random_model
 
 
 def _model(dtype: torch.dtype, **kw) -> RetNet:
@@ -36,10 +36,6 @@ def m32() -> RetNet:
     return _model(torch.float32)
 
 
-def _ids(B: int, T: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 512, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
 def _ragged(T: int) -> torch.Tensor:
     mask = torch.ones(3, T, dtype=torch.long)
     mask[0, :17] = 0  # left padding
@@ -50,7 +46,7 @@ def _ragged(T: int) -> torch.Tensor:
 
 def _resumed(m: RetNet) -> RetentionState:
     with torch.inference_mode():
-        return RetentionState.stack([m(_ids(1, n, 50 + n))[1] for n in (3, 1, 70)])
+        return RetentionState.stack([m(random_ids(1, n, 50 + n))[1] for n in (3, 1, 70)])
 
 
 def _last_real(mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor:
@@ -194,9 +190,9 @@ def test_compact_equals_keep_mask_float64(m64, policy, from_layer):
     T = 120
     spec = DropSpec(policy, 0.4, sinks=2, recent=5, from_layer=from_layer, seed=1)
     # plain batch, then ragged and resumed
-    r = _compare(m64, spec, _ids(2, T, 1), None, None, 1e-10, False)
+    r = _compare(m64, spec, random_ids(2, T, 1), None, None, 1e-10, False)
     assert r.dropped.tolist() == [72, 72]
-    r = _compare(m64, spec, _ids(3, T, 2), _resumed(m64), _ragged(T), 1e-10, False, chunk_size=13)
+    r = _compare(m64, spec, random_ids(3, T, 2), _resumed(m64), _ragged(T), 1e-10, False, chunk_size=13)
     assert r.dropped.tolist() == [61, 54, 68]  # real 103, 91, 114 -> kept ceil(0.4 n)
 
 
@@ -205,20 +201,20 @@ def test_compact_equals_keep_mask_float64(m64, policy, from_layer):
 def test_compact_equals_keep_mask_float32(m32, policy, from_layer):
     T = 200
     spec = DropSpec(policy, 0.5, sinks=4, recent=8, from_layer=from_layer)
-    _compare(m32, spec, _ids(3, T, 3), _resumed(m32), _ragged(T), 1e-5, True, chunk_size=32)
+    _compare(m32, spec, random_ids(3, T, 3), _resumed(m32), _ragged(T), 1e-5, True, chunk_size=32)
 
 
 def test_last_layer_and_single_token(m64):
     _compare(
         m64,
         DropSpec("norm", 0.3, from_layer=2),
-        _ids(2, 90, 4),
+        random_ids(2, 90, 4),
         _resumed(m64).select([0, 2]),
         None,
         1e-10,
         False,
     )
-    r = _compare(m64, DropSpec("norm", 0.3), _ids(2, 1, 5), None, None, 1e-10, False)
+    r = _compare(m64, DropSpec("norm", 0.3), random_ids(2, 1, 5), None, None, 1e-10, False)
     assert r.keep.all() and r.dropped.tolist() == [0, 0]
 
 
@@ -230,7 +226,7 @@ def test_compact_path_shrinks_the_upper_layers(m64):
     ]
     try:
         with torch.inference_mode():
-            prefill_dropping(m64, _ids(1, 100, 6), DropSpec("decayed", 0.25, sinks=4, recent=4))
+            prefill_dropping(m64, random_ids(1, 100, 6), DropSpec("decayed", 0.25, sinks=4, recent=4))
     finally:
         for h in hooks:
             h.remove()
@@ -240,7 +236,7 @@ def test_compact_path_shrinks_the_upper_layers(m64):
 @pytest.mark.parametrize("mask", [None, "left", "right"])
 def test_keep_one_is_the_plain_forward_bit_for_bit(m32, mask):
     T = 50
-    ids = _ids(3, T, 7)
+    ids = random_ids(3, T, 7)
     am = None
     if mask is not None:
         am = torch.ones(3, T, dtype=torch.long)
@@ -265,17 +261,19 @@ def test_keep_one_is_the_plain_forward_bit_for_bit(m32, mask):
 def test_bad_inputs(m64):
     spec = DropSpec("recency", 0.5)
     with pytest.raises(ValueError, match="from_layer must be in"):
-        prefill_dropping(m64, _ids(1, 5, 0), DropSpec("recency", 0.5, from_layer=3))
+        prefill_dropping(m64, random_ids(1, 5, 0), DropSpec("recency", 0.5, from_layer=3))
     with pytest.raises(ValueError, match="at least one token"):
-        prefill_dropping(m64, _ids(1, 0, 0), spec)
+        prefill_dropping(m64, random_ids(1, 0, 0), spec)
     with pytest.raises(ValueError, match="all-pad row"):
-        prefill_dropping(m64, _ids(2, 4, 0), spec, attention_mask=torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]))
+        prefill_dropping(
+            m64, random_ids(2, 4, 0), spec, attention_mask=torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]])
+        )
     with pytest.raises(ValueError, match="attention_mask"):
-        prefill_dropping(m64, _ids(1, 4, 0), spec, attention_mask=torch.ones(1, 5))
+        prefill_dropping(m64, random_ids(1, 4, 0), spec, attention_mask=torch.ones(1, 5))
     with pytest.raises(ValueError, match="chunk_size"):
-        prefill_dropping(m64, _ids(1, 4, 0), spec, chunk_size=0)
+        prefill_dropping(m64, random_ids(1, 4, 0), spec, chunk_size=0)
     with pytest.raises(ValueError, match="keep_from_layer"):
-        m64(_ids(1, 4, 0), keep_from_layer=3)
+        m64(random_ids(1, 4, 0), keep_from_layer=3)
 
 
 # ---- the ops' decay_steps (gaps of a compacted sequence) ----------------------------------------

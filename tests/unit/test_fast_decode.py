@@ -11,7 +11,7 @@ from model.ops import naive_retention
 from model.retnet import RetNet
 from model.state import RetentionState, StateMismatchError
 from server.engine.decode import DecodeStep
-from tests.support.models import random_model
+from tests.support.models import random_ids, random_model
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -20,17 +20,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
 
 
-def _ids(B: int, T: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 512, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
 def _ragged_state(model: RetNet, keep: bool = False) -> RetentionState:
     """Four rows at different positions (left-padded prompts of 9, 4, 1 and 0 tokens), some tokens dropped."""
     lengths = [9, 4, 1, 0]
     mask = torch.tensor([[0] * (9 - n) + [1] * n for n in lengths])
-    keep_mask = _ids(4, 9, seed=5) % 3 != 0 if keep else None
+    keep_mask = random_ids(4, 9, seed=5) % 3 != 0 if keep else None
     with torch.inference_mode():
-        _, state = model(_ids(4, 9, seed=1), attention_mask=mask, keep=keep_mask)
+        _, state = model(random_ids(4, 9, seed=1), attention_mask=mask, keep=keep_mask)
     return state
 
 
@@ -43,7 +39,7 @@ def test_fast_steps_equal_the_three_forms(dtype: torch.dtype, kv_heads: int | No
     model = random_model(dtype, num_kv_heads=kv_heads)
     dec = FastDecoder(model)
     start = _ragged_state(model, keep)
-    steps = _ids(4, 6, seed=2)
+    steps = random_ids(4, 6, seed=2)
     state = start.clone()
     logits = torch.stack([dec.step(steps[:, t], state.layers, state.position) for t in range(6)], 1)
     for mode, cs in [("recurrent", 64), ("parallel", 64), ("chunk", 4), ("chunk", 64)]:
@@ -59,7 +55,7 @@ def test_fast_step_retention_equals_the_naive_reference() -> None:
     """A one-layer model's state after fast steps equals naive_retention over its rotated q, k, v."""
     model = random_model(torch.float64, num_hidden_layers=1)
     attn, norm = model.model.layers[0].attn, model.model.layers[0].attn_norm
-    ids = _ids(2, 5, seed=3)
+    ids = random_ids(2, 5, seed=3)
     state = model.empty_state(2)
     state.position += torch.tensor([0, 1000])  # rows far apart
     start = state.position.clone()
@@ -83,7 +79,7 @@ def test_batched_decode_equals_rows_alone() -> None:
     step = DecodeStep(model)
     batch = _ragged_state(model, keep=True)
     alone = batch.split()
-    toks = _ids(4, 5, seed=4)
+    toks = random_ids(4, 5, seed=4)
     for t in range(5):
         logits, batch = step(toks[:, t : t + 1], batch)
         for i, row in enumerate(alone):
@@ -150,7 +146,7 @@ def test_bfloat16_fast_step_matches_the_reference() -> None:
     model = random_model(torch.bfloat16)
     start = _ragged_state(model)
     state = start.clone()
-    toks = _ids(4, 1, seed=6)
+    toks = random_ids(4, 1, seed=6)
     logits = FastDecoder(model).step(toks[:, 0], state.layers, state.position)
     ref_logits, ref = model(toks, start.clone(), mode="recurrent")
     assert logits.dtype == torch.bfloat16 and state.layers[0].dtype == torch.float32
@@ -171,7 +167,7 @@ def test_compiled_bucket_with_padding_matches_eager() -> None:
     start = _ragged_state(model)
     for rows in ([0, 1, 2], [0, 1, 2, 3]):  # padded to the bucket, and a full bucket
         a, b = start.select(rows), start.select(rows)
-        toks = _ids(len(rows), 4, seed=7)
+        toks = random_ids(len(rows), 4, seed=7)
         for t in range(4):
             la, a = compiled(toks[:, t : t + 1], a)
             lb, b = eager(toks[:, t : t + 1], b)

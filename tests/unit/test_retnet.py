@@ -8,7 +8,7 @@ import torch
 from model.config import preset
 from model.retnet import RetNet
 from model.state import RetentionState, StateMismatchError
-from tests.support.models import random_model
+from tests.support.models import random_ids, random_model
 
 
 def _model(dtype: torch.dtype, **overrides) -> RetNet:
@@ -23,10 +23,6 @@ def m64() -> RetNet:
 @pytest.fixture(scope="module")
 def m32() -> RetNet:
     return _model(torch.float32)
-
-
-def _ids(B: int, T: int, seed: int = 0, vocab: int = 512) -> torch.Tensor:
-    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def _max_abs(a, b) -> float:
@@ -50,7 +46,7 @@ MODES = [("recurrent", 64)] + [("chunk", cs) for cs in (1, 16, 64, 256, 37)]
 @torch.inference_mode()
 @pytest.mark.parametrize("T", [1, 7, 64, 513, 2048])
 def test_forms_agree_float64(m64, T):
-    ids = _ids(2, T)
+    ids = random_ids(2, T)
     ref_logits, ref_state = m64(ids, mode="parallel")
     for mode, cs in MODES:
         if T == 2048 and mode == "chunk" and cs == 1:
@@ -64,7 +60,7 @@ def test_forms_agree_float64(m64, T):
 @torch.inference_mode()
 @pytest.mark.parametrize("T", [7, 513, 2048])
 def test_forms_agree_float32(m32, T):
-    ids = _ids(2, T, seed=1)
+    ids = random_ids(2, T, seed=1)
     ref_logits, ref_state = m32(ids, mode="parallel")
     for mode, cs in [("recurrent", 64), ("chunk", 16), ("chunk", 64), ("chunk", 37)]:
         logits, state = m32(ids, mode=mode, chunk_size=cs)
@@ -75,7 +71,7 @@ def test_forms_agree_float32(m32, T):
 @torch.inference_mode()
 @pytest.mark.parametrize("T", [7, 64, 513])
 def test_forms_agree_with_keep_mask(m64, T):
-    ids = _ids(2, T, seed=2)
+    ids = random_ids(2, T, seed=2)
     keep = torch.rand(2, T, generator=torch.Generator().manual_seed(3)) > 0.4
     ref_logits, ref_state = m64(ids, keep=keep, mode="parallel")
     for mode, cs in MODES:
@@ -92,7 +88,7 @@ def test_forms_agree_with_keep_mask(m64, T):
 @torch.inference_mode()
 @pytest.mark.parametrize("mode", ["parallel", "chunk", "recurrent"])
 def test_prefill_then_steps_equals_one_pass(m64, mode):
-    ids = _ids(2, 90, seed=4)
+    ids = random_ids(2, 90, seed=4)
     full_logits, full_state = m64(ids, mode="parallel")
     logits_a, state = m64(ids[:, :50], mode=mode, chunk_size=16)
     assert _max_abs(logits_a, full_logits[:, :50]) < 1e-10
@@ -106,11 +102,11 @@ def test_prefill_then_steps_equals_one_pass(m64, mode):
 
 @torch.inference_mode()
 def test_rows_at_different_positions_equal_rows_alone(m64):
-    prompts = [_ids(1, n, seed=10 + n) for n in (3, 40, 129)]
+    prompts = [random_ids(1, n, seed=10 + n) for n in (3, 40, 129)]
     singles = [m64(p, mode="chunk") for p in prompts]
     batch_state = RetentionState.stack([s for _, s in singles])
     assert batch_state.position.tolist() == [3, 40, 129]
-    nxt = _ids(3, 5, seed=99)
+    nxt = random_ids(3, 5, seed=99)
     for mode in ("recurrent", "chunk", "parallel"):
         logits, out_state = m64(nxt, state=batch_state, mode=mode)
         for i, (_, s) in enumerate(singles):
@@ -128,7 +124,7 @@ def test_rows_at_different_positions_equal_rows_alone(m64):
 @pytest.mark.parametrize("mode", ["parallel", "chunk", "recurrent"])
 def test_padded_batch_equals_rows_alone(m64, side, mode):
     lengths = [5, 17, 11]
-    rows = [_ids(1, n, seed=20 + n)[0] for n in lengths]
+    rows = [random_ids(1, n, seed=20 + n)[0] for n in lengths]
     T = max(lengths)
     ids = torch.zeros(3, T, dtype=torch.long)
     mask = torch.zeros(3, T, dtype=torch.long)
@@ -136,7 +132,7 @@ def test_padded_batch_equals_rows_alone(m64, side, mode):
         sl = slice(T - len(r), T) if side == "left" else slice(0, len(r))
         ids[i, sl], mask[i, sl] = r, 1
     # rows also start from different saved states
-    starts = [m64(_ids(1, n, seed=n), mode="chunk")[1] for n in (2, 9, 30)]
+    starts = [m64(random_ids(1, n, seed=n), mode="chunk")[1] for n in (2, 9, 30)]
     logits, state = m64(ids, state=RetentionState.stack(starts), attention_mask=mask, mode=mode, chunk_size=4)
     for i, r in enumerate(rows):
         alone_logits, alone_state = m64(r[None], state=starts[i], mode=mode, chunk_size=4)
@@ -147,7 +143,7 @@ def test_padded_batch_equals_rows_alone(m64, side, mode):
 
 @torch.inference_mode()
 def test_logits_to_keep(m32):
-    ids = _ids(2, 20)
+    ids = random_ids(2, 20)
     full, s1 = m32(ids)
     last, s2 = m32(ids, logits_to_keep=1)
     assert last.shape == (2, 1, 512)
@@ -157,7 +153,7 @@ def test_logits_to_keep(m32):
 
 def test_state_row_operations(m32):
     with torch.inference_mode():
-        _, s = m32(_ids(3, 6))
+        _, s = m32(random_ids(3, 6))
     parts = s.split()
     assert [p.batch_size for p in parts] == [1, 1, 1]
     assert RetentionState.stack(parts).equal(s)
@@ -168,20 +164,20 @@ def test_state_row_operations(m32):
 def test_state_from_another_model_is_refused(m32):
     other = RetNet(preset("tiny", hidden_size=64)).eval()
     with torch.inference_mode():
-        _, s = other(_ids(1, 4))
+        _, s = other(random_ids(1, 4))
         with pytest.raises(StateMismatchError):
-            m32(_ids(1, 1), state=s)
+            m32(random_ids(1, 1), state=s)
 
 
 def test_bad_inputs_raise_clear_errors(m32):
     with pytest.raises(ValueError, match="input_ids"):
         m32(torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="mode"):
-        m32(_ids(1, 3), mode="fast")
+        m32(random_ids(1, 3), mode="fast")
     with pytest.raises(ValueError, match="attention_mask"):
-        m32(_ids(1, 3), attention_mask=torch.ones(1, 4))
+        m32(random_ids(1, 3), attention_mask=torch.ones(1, 4))
     with pytest.raises(ValueError, match="rows"):
-        m32(_ids(2, 3), state=m32.empty_state(1))
+        m32(random_ids(2, 3), state=m32.empty_state(1))
 
 
 def test_small_preset_size():
@@ -192,7 +188,7 @@ def test_small_preset_size():
 @torch.inference_mode()
 def test_bfloat16_model_keeps_float32_state(m32):
     bf = _model(torch.float32).to(torch.bfloat16)
-    ids = _ids(2, 40)
+    ids = random_ids(2, 40)
     logits, state = bf(ids, mode="chunk", chunk_size=16)
     assert logits.dtype == torch.bfloat16
     assert all(t.dtype == torch.float32 for t in state.layers)
