@@ -42,8 +42,7 @@ class RateLimiter:
         if self.rate <= 0:
             return 0.0
         now = self.clock()
-        tokens, last = self._buckets.get(key, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        tokens = self._refilled(key, now)
         if tokens >= 1.0:
             self._buckets[key] = (tokens - 1.0, now)
             return 0.0
@@ -55,9 +54,13 @@ class RateLimiter:
         (the request guard refuses a limited caller's upload before reading its body)."""
         if self.rate <= 0:
             return 0.0
-        tokens, last = self._buckets.get(key, (float(self.burst), self.clock()))
-        tokens = min(float(self.burst), tokens + (self.clock() - last) * self.rate)
+        tokens = self._refilled(key, self.clock())
         return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
+    def _refilled(self, key: str, now: float) -> float:
+        """The tokens in `key`'s bucket at `now` (a new key's bucket is full)."""
+        tokens, last = self._buckets.get(key, (float(self.burst), now))
+        return min(float(self.burst), tokens + (now - last) * self.rate)
 
     def close(self) -> None:
         """Release what the limiter holds (nothing in process)."""
