@@ -66,7 +66,7 @@ def bare_step_rate(threads: int, compile: bool, batch: int = 32, steps: int = 10
 
     def run() -> None:
         torch.set_num_threads(threads)
-        step = DecodeStep.shared(model, compile, (1, 2, 4, 8, batch))
+        step = DecodeStep(model, compile, (1, 2, 4, 8, batch))
         step.warmup()
         state, toks = model.empty_state(batch), torch.randint(0, 8000, (batch, 1))
         with torch.no_grad():

@@ -66,7 +66,7 @@ def retserve_paths(model: RetNet, batch: int, state, compile: bool) -> dict[str,
         "fast": lambda: dec.step(tok, fast_state.layers, fast_state.position),
     }
     if compile:
-        step = DecodeStep.shared(model, True, (batch,))
+        step = DecodeStep(model, True, (batch,))
         step.warmup()
         comp_state = state.clone()
         fns["compiled"] = lambda: step(tok[:, None], comp_state)

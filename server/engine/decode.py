@@ -47,7 +47,8 @@ class _Bucket:
 
 class DecodeStep:
     """`step(tokens (B, 1), state) -> (logits (B, V), state)` for the running rows; the state is
-    advanced in place and returned."""
+    advanced in place and returned. One per engine; every step of a model shares its fused decoder
+    (`FastDecoder.shared`) and compiled graphs, each with buffers of its own."""
 
     def __init__(
         self,
@@ -78,11 +79,6 @@ class DecodeStep:
             cfg = torch._dynamo.config
             cfg.recompile_limit = max(cfg.recompile_limit, len(self.buckets) + 8)
         self._checked: RetentionState | None = None
-
-    @classmethod
-    def shared(cls, model: RetNet, compile: bool, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> DecodeStep:
-        """A step for one engine; the model's fused decoder and compiled graphs are shared by all."""
-        return cls(model, compile, buckets)
 
     def bucket(self, batch: int) -> int | None:
         return next((b for b in self.buckets if b >= batch), None)

@@ -56,7 +56,7 @@ class BatchRunner:
         self.model = model
         self.config = config
         self.sched = Scheduler(config)
-        self.decode_step = DecodeStep.shared(model, config.compile, config.compile_buckets)
+        self.decode_step = DecodeStep(model, config.compile, config.compile_buckets)
         self.batch_state: RetentionState | None = None  # rows = sched.running
         eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_id
         self.completions = Completions(model.config.vocab_size, eos, self._release)

@@ -161,7 +161,7 @@ def test_compiled_bucket_with_padding_matches_eager() -> None:
     model = random_model(torch.float32)
     compiled = DecodeStep(model, compile=True, buckets=(4,), select_by_timing=False)
     compiled.warmup()
-    other = DecodeStep.shared(model, True, (4,))  # another engine's step: the same graphs, its own buffers
+    other = DecodeStep(model, True, (4,))  # another engine's step: the same graphs, its own buffers
     assert other._fn is compiled._fn and other._buffers[4] is not compiled._buffers[4]
     eager = DecodeStep(model)
     start = _ragged_state(model)
